@@ -1,0 +1,1 @@
+"""CDPAE cross-modal retrieval service (no torch in this package)."""

@@ -1,0 +1,246 @@
+"""The model bundle: the contract between training and serving.
+
+A bundle is one directory (models/README.md describes it) written by
+`cdpae train`. This module reads it: it checks the manifest and the sha256 of
+every file before anything is loaded, and refuses a bundle that is missing a
+file, has an altered file, or comes from a newer format, naming the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import hnswlib
+import numpy as np
+import onnxruntime as ort
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from app.retrieval import ItemCodes, TrainingPool, item_codes, unit_rows, z_from_cosine_distance
+
+FORMAT_VERSION = 1
+
+MANIFEST = "manifest.json"
+IMAGE_ENCODER = "image_encoder.onnx"
+TEXT_ENCODER = "text_encoder.onnx"
+TRAIN_INDEX = "train_index.bin"
+TRAIN_EMBEDDINGS = "train_embeddings.npy"
+DEFAULT_GALLERY = "default_gallery.npz"
+# Every bundle has these; report.json and plots are listed in the manifest too
+# (and checksummed) but the service does not need them to start.
+REQUIRED_FILES = (IMAGE_ENCODER, TEXT_ENCODER, TRAIN_INDEX, TRAIN_EMBEDDINGS, DEFAULT_GALLERY)
+
+ENCODER_INPUT = "features"
+ENCODER_OUTPUT = "embedding"
+
+Modality = Literal["image", "text"]
+MODALITIES: tuple[Modality, Modality] = ("image", "text")
+
+
+class BundleError(Exception):
+    """The bundle can't be served; the message says which file and why."""
+
+
+class HnswParams(BaseModel):
+    space: Literal["cosine"] = "cosine"
+    M: int = Field(ge=2)
+    ef_construction: int = Field(ge=1)
+    ef: int = Field(ge=1)
+
+
+class Manifest(BaseModel):
+    """manifest.json. Unknown keys are kept (extra='allow') so newer writers can add facts."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format_version: int
+    dataset: str
+    input_dims: dict[Modality, int]
+    common_dim: int = Field(ge=1)
+    n_train_pairs: int = Field(ge=1)
+    knn_k: int = Field(ge=1)
+    hnsw: HnswParams
+    files: dict[str, str]  # file name (relative to the bundle) -> sha256 hex
+    hyperparameters: dict = Field(default_factory=dict)
+    metrics: dict = Field(default_factory=dict)
+    created_at: str
+    package_version: str
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(bundle_dir: Path) -> Manifest:
+    path = Path(bundle_dir) / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"bundle {bundle_dir}: {MANIFEST} is missing")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"bundle {bundle_dir}: {MANIFEST} is not valid JSON ({exc})") from exc
+    version = raw.get("format_version") if isinstance(raw, dict) else None
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise BundleError(
+            f"bundle {bundle_dir}: {MANIFEST} has format_version {version}, newer than the "
+            f"{FORMAT_VERSION} this service reads; upgrade the service"
+        )
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as exc:
+        raise BundleError(f"bundle {bundle_dir}: {MANIFEST} is malformed: {exc}") from exc
+    if manifest.format_version != FORMAT_VERSION:
+        raise BundleError(
+            f"bundle {bundle_dir}: format_version {manifest.format_version} is not supported "
+            f"(this service reads {FORMAT_VERSION})"
+        )
+    return manifest
+
+
+def verify_bundle(bundle_dir: Path) -> Manifest:
+    """Manifest plus checksums: every required file present and unaltered."""
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    for name in REQUIRED_FILES:
+        if name not in manifest.files:
+            raise BundleError(f"bundle {bundle_dir}: {MANIFEST} does not list required file {name}")
+    for name, expected in manifest.files.items():
+        path = bundle_dir / name
+        if not path.is_file():
+            raise BundleError(f"bundle {bundle_dir}: file {name} is missing")
+        actual = sha256_of(path)
+        if actual != expected:
+            raise BundleError(
+                f"bundle {bundle_dir}: file {name} fails its checksum "
+                f"(sha256 {actual[:12]}..., manifest says {expected[:12]}...): truncated or altered"
+            )
+    return manifest
+
+
+class Encoder:
+    """One modality's ONNX encoder: raw features in, common-space embedding out."""
+
+    def __init__(self, path: Path, modality: Modality, input_dim: int, common_dim: int) -> None:
+        options = ort.SessionOptions()
+        # The service runs several requests at once; one intra-op thread each keeps
+        # a 2-core machine from oversubscribing.
+        options.intra_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own opaque types
+            raise BundleError(f"{path.name}: onnxruntime can't load it ({exc})") from exc
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        shape_in, shape_out = inputs[0].shape, outputs[0].shape
+        if shape_in[-1] != input_dim or shape_out[-1] != common_dim:
+            raise BundleError(
+                f"{path.name}: encoder maps {shape_in[-1]} -> {shape_out[-1]} features, "
+                f"manifest says {modality} {input_dim} -> {common_dim}"
+            )
+        self.modality = modality
+        self.input_dim = input_dim
+        self.input_name = inputs[0].name
+
+    def embed(self, features: np.ndarray) -> np.ndarray:
+        """(n, input_dim) raw features -> (n, common_dim) float32 embeddings."""
+        x = np.ascontiguousarray(features, dtype=np.float32)
+        return self.session.run(None, {self.input_name: x})[0]
+
+
+@dataclass(frozen=True)
+class DefaultGallery:
+    """The test split shipped in the bundle, so a fresh service can answer at once."""
+
+    ids: np.ndarray  # (M,) str, shared by the image and the text of a pair
+    categories: np.ndarray  # (M,) str category names
+    features: dict[Modality, np.ndarray]  # raw features per modality, (M, d)
+
+
+@dataclass
+class Bundle:
+    """A verified, loaded bundle: encoders, training pool and its HNSW index."""
+
+    path: Path
+    manifest: Manifest
+    encoders: dict[Modality, Encoder]
+    pool: TrainingPool
+    index: hnswlib.Index
+
+    @property
+    def knn_k(self) -> int:
+        return self.manifest.knn_k
+
+    def embed(self, modality: Modality, features: np.ndarray) -> np.ndarray:
+        """Unit-normalised common-space embeddings of raw features."""
+        return unit_rows(self.encoders[modality].embed(features))
+
+    def neighbours(self, units: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """k nearest training items (ids, Z) through the HNSW index.
+
+        The training index is never modified after loading, and hnswlib queries
+        alone are safe to run concurrently.
+        """
+        k = self.knn_k if k is None else k
+        labels, distances = self.index.knn_query(units, k=k, num_threads=1)
+        return labels.astype(np.int64), z_from_cosine_distance(distances)
+
+    def codes(self, units: np.ndarray, k: int | None = None) -> ItemCodes:
+        return item_codes(self.pool, *self.neighbours(units, k))
+
+    def default_gallery(self) -> DefaultGallery:
+        with np.load(self.path / DEFAULT_GALLERY, allow_pickle=False) as data:
+            return DefaultGallery(
+                ids=data["ids"],
+                categories=data["categories"],
+                features={"image": data["image"], "text": data["text"]},
+            )
+
+
+def load_bundle(bundle_dir: Path | str) -> Bundle:
+    """Verify then load a bundle; raises BundleError naming the problem."""
+    bundle_dir = Path(bundle_dir)
+    if not bundle_dir.is_dir():
+        raise BundleError(f"bundle directory {bundle_dir} does not exist")
+    manifest = verify_bundle(bundle_dir)
+    dims = manifest.input_dims
+    if set(dims) != set(MODALITIES):
+        raise BundleError(f"bundle {bundle_dir}: input_dims must name image and text, got {dims}")
+    encoders = {
+        "image": Encoder(bundle_dir / IMAGE_ENCODER, "image", dims["image"], manifest.common_dim),
+        "text": Encoder(bundle_dir / TEXT_ENCODER, "text", dims["text"], manifest.common_dim),
+    }
+    units = np.load(bundle_dir / TRAIN_EMBEDDINGS, allow_pickle=False).astype(np.float32)
+    expected_shape = (2 * manifest.n_train_pairs, manifest.common_dim)
+    if units.shape != expected_shape:
+        raise BundleError(
+            f"bundle {bundle_dir}: {TRAIN_EMBEDDINGS} has shape {units.shape}, "
+            f"manifest says {expected_shape}"
+        )
+    index = hnswlib.Index(space=manifest.hnsw.space, dim=manifest.common_dim)
+    try:
+        index.load_index(str(bundle_dir / TRAIN_INDEX), max_elements=expected_shape[0])
+    except RuntimeError as exc:
+        raise BundleError(f"bundle {bundle_dir}: {TRAIN_INDEX} can't be loaded ({exc})") from exc
+    if index.dim != manifest.common_dim or index.get_current_count() != expected_shape[0]:
+        raise BundleError(
+            f"bundle {bundle_dir}: {TRAIN_INDEX} holds {index.get_current_count()} items of "
+            f"dimension {index.dim}, expected {expected_shape[0]} of {manifest.common_dim}"
+        )
+    if manifest.knn_k > expected_shape[0]:
+        raise BundleError(f"bundle {bundle_dir}: knn_k {manifest.knn_k} exceeds the pool size")
+    index.set_ef(max(manifest.hnsw.ef, manifest.knn_k))
+    return Bundle(
+        path=bundle_dir,
+        manifest=manifest,
+        encoders=encoders,
+        pool=TrainingPool(unit_rows(units)),
+        index=index,
+    )

@@ -1,0 +1,16 @@
+from pathlib import Path
+
+import pytest
+
+from tests.synthetic import write_synthetic_bundle, write_synthetic_npz
+
+
+@pytest.fixture(scope="session")
+def synthetic_bundle(tmp_path_factory) -> Path:
+    """A complete bundle with untrained encoders; treat it as read-only."""
+    return write_synthetic_bundle(tmp_path_factory.mktemp("bundle") / "synthetic")
+
+
+@pytest.fixture(scope="session")
+def synthetic_npz(tmp_path_factory) -> Path:
+    return write_synthetic_npz(tmp_path_factory.mktemp("data") / "synthetic.npz")

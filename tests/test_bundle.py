@@ -1,0 +1,77 @@
+"""The bundle format: written by training/export.py, read and verified by app/bundle.py."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from app.bundle import (
+    IMAGE_ENCODER,
+    MANIFEST,
+    TRAIN_INDEX,
+    BundleError,
+    load_bundle,
+)
+from tests.synthetic import random_encoder, write_synthetic_bundle
+
+
+def test_bundle_loads_and_encoders_match_numpy(synthetic_bundle):
+    bundle = load_bundle(synthetic_bundle)
+    assert bundle.manifest.input_dims == {"image": 16, "text": 8}
+    assert bundle.pool.size == 120 and bundle.pool.dim == 12
+    rng = np.random.default_rng(1)
+    reference = random_encoder(16, 12, np.random.default_rng(0))  # same draw as the bundle's
+    for batch in (1, 2, 64):
+        x = rng.normal(size=(batch, 16)).astype(np.float32)
+        np.testing.assert_allclose(bundle.encoders["image"].embed(x), reference(x), atol=1e-5)
+
+
+def test_hnsw_neighbours_agree_with_exact(synthetic_bundle):
+    bundle = load_bundle(synthetic_bundle)
+    queries = bundle.embed("text", bundle.default_gallery().features["text"])
+    approx, _ = bundle.neighbours(queries)
+    exact, _ = bundle.pool.exact_neighbours(queries, bundle.knn_k)
+    recall = np.mean([len(set(a) & set(e)) / len(e) for a, e in zip(approx, exact, strict=True)])
+    assert recall >= 0.99
+
+
+def _copy(bundle, tmp_path):
+    target = tmp_path / "copy"
+    shutil.copytree(bundle, target)
+    return target
+
+
+def test_missing_file_is_named(synthetic_bundle, tmp_path):
+    bad = _copy(synthetic_bundle, tmp_path)
+    (bad / TRAIN_INDEX).unlink()
+    with pytest.raises(BundleError, match=f"{TRAIN_INDEX} is missing"):
+        load_bundle(bad)
+
+
+def test_truncated_file_fails_checksum(synthetic_bundle, tmp_path):
+    bad = _copy(synthetic_bundle, tmp_path)
+    data = (bad / IMAGE_ENCODER).read_bytes()
+    (bad / IMAGE_ENCODER).write_bytes(data[: len(data) // 2])
+    with pytest.raises(BundleError, match=f"{IMAGE_ENCODER} fails its checksum"):
+        load_bundle(bad)
+
+
+def test_newer_format_is_refused(synthetic_bundle, tmp_path):
+    bad = _copy(synthetic_bundle, tmp_path)
+    manifest = json.loads((bad / MANIFEST).read_text())
+    manifest["format_version"] = 99
+    (bad / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="newer"):
+        load_bundle(bad)
+
+
+def test_rewrite_replaces_bundle_atomically(tmp_path):
+    out = tmp_path / "b"
+    write_synthetic_bundle(out, seed=1)
+    first = json.loads((out / MANIFEST).read_text())["files"]
+    write_synthetic_bundle(out, seed=2)
+    second = json.loads((out / MANIFEST).read_text())["files"]
+    assert first != second
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no temporary leftovers
+    load_bundle(out)

@@ -1,0 +1,1 @@
+"""Offline training, selection, evaluation and export of CDPAE bundles."""
