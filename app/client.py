@@ -33,6 +33,7 @@ import numpy as np
 
 Modality = Literal["image", "text"]
 Similarity = Literal["knn", "cosine"]
+SearchMode = Literal["auto", "exact", "approximate"]
 VectorsLike = np.ndarray | Sequence[float] | Sequence[Sequence[float]]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -274,6 +275,7 @@ def _search_body(
     top_k: int,
     similarity: Similarity,
     filter: Mapping[str, Any] | None,
+    mode: SearchMode | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "vectors": as_vector_rows(vectors),
@@ -282,6 +284,9 @@ def _search_body(
     }
     if filter:
         body["filter"] = dict(filter)
+    if mode is not None:
+        # auto (the server's default): approximate for big unfiltered knn searches, else exact.
+        body["mode"] = mode
     return body
 
 
@@ -458,9 +463,10 @@ class Client:
         top_k: int = 10,
         similarity: Similarity = "knn",
         filter: Mapping[str, Any] | None = None,
+        mode: SearchMode | None = None,
     ) -> list[QueryResult]:
         """Image feature vector(s) in, ranked texts out (one QueryResult per vector)."""
-        body = _search_body(vectors, top_k, similarity, filter)
+        body = _search_body(vectors, top_k, similarity, filter, mode)
         return _parse_results(self._request("POST", "/search/image-to-text", body))
 
     def search_text_to_image(
@@ -470,9 +476,10 @@ class Client:
         top_k: int = 10,
         similarity: Similarity = "knn",
         filter: Mapping[str, Any] | None = None,
+        mode: SearchMode | None = None,
     ) -> list[QueryResult]:
         """Text feature vector(s) in, ranked images out (one QueryResult per vector)."""
-        body = _search_body(vectors, top_k, similarity, filter)
+        body = _search_body(vectors, top_k, similarity, filter, mode)
         return _parse_results(self._request("POST", "/search/text-to-image", body))
 
     def search(
@@ -483,13 +490,16 @@ class Client:
         top_k: int = 10,
         similarity: Similarity = "knn",
         filter: Mapping[str, Any] | None = None,
+        mode: SearchMode | None = None,
     ) -> list[QueryResult]:
         """Search with query vectors of `modality` against the gallery of the other one."""
         if _check_modality(modality) == "image":
             return self.search_image_to_text(
-                vectors, top_k=top_k, similarity=similarity, filter=filter
+                vectors, top_k=top_k, similarity=similarity, filter=filter, mode=mode
             )
-        return self.search_text_to_image(vectors, top_k=top_k, similarity=similarity, filter=filter)
+        return self.search_text_to_image(
+            vectors, top_k=top_k, similarity=similarity, filter=filter, mode=mode
+        )
 
     # -- gallery
     def upsert_items(
@@ -588,8 +598,9 @@ class AsyncClient:
         top_k: int = 10,
         similarity: Similarity = "knn",
         filter: Mapping[str, Any] | None = None,
+        mode: SearchMode | None = None,
     ) -> list[QueryResult]:
-        body = _search_body(vectors, top_k, similarity, filter)
+        body = _search_body(vectors, top_k, similarity, filter, mode)
         return _parse_results(await self._request("POST", "/search/image-to-text", body))
 
     async def search_text_to_image(
@@ -599,8 +610,9 @@ class AsyncClient:
         top_k: int = 10,
         similarity: Similarity = "knn",
         filter: Mapping[str, Any] | None = None,
+        mode: SearchMode | None = None,
     ) -> list[QueryResult]:
-        body = _search_body(vectors, top_k, similarity, filter)
+        body = _search_body(vectors, top_k, similarity, filter, mode)
         return _parse_results(await self._request("POST", "/search/text-to-image", body))
 
     async def search(
@@ -611,13 +623,14 @@ class AsyncClient:
         top_k: int = 10,
         similarity: Similarity = "knn",
         filter: Mapping[str, Any] | None = None,
+        mode: SearchMode | None = None,
     ) -> list[QueryResult]:
         if _check_modality(modality) == "image":
             return await self.search_image_to_text(
-                vectors, top_k=top_k, similarity=similarity, filter=filter
+                vectors, top_k=top_k, similarity=similarity, filter=filter, mode=mode
             )
         return await self.search_text_to_image(
-            vectors, top_k=top_k, similarity=similarity, filter=filter
+            vectors, top_k=top_k, similarity=similarity, filter=filter, mode=mode
         )
 
     async def upsert_items(

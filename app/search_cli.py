@@ -124,6 +124,12 @@ def _parser() -> argparse.ArgumentParser:
         help="knn marginal-probability similarity (default) or plain cosine",
     )
     parser.add_argument(
+        "--mode",
+        choices=["auto", "exact", "approximate"],
+        default=None,
+        help="exact or approximate (HNSW) gallery search; default: the server's auto",
+    )
+    parser.add_argument(
         "--filter",
         action="append",
         default=[],
@@ -159,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 top_k=args.top_k,
                 similarity=args.similarity,
                 filter=filters or None,
+                mode=args.mode,
             )
     except CdpaeError as exc:
         print(f"cdpae search: {args.url}: {exc}", file=sys.stderr)
