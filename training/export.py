@@ -256,3 +256,64 @@ def _replace_dir(new: Path, target: Path) -> None:
         os.close(fd)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def finalise_bundle(
+    staged: Path,
+    out_dir: Path,
+    *,
+    metrics: dict | None = None,
+    extra_files: Callable[[Path], None] | None = None,
+) -> Path:
+    """Add metrics and files to a bundle written by `write_bundle`, then move it to `out_dir`.
+
+    Training evaluates the staged bundle through the service's loader first and
+    only then knows its test metrics and report; this adds them without
+    touching the encoders, embeddings, index or gallery that were evaluated,
+    re-checksums, and renames atomically over `out_dir`.
+    """
+    staged, out_dir = Path(staged), Path(out_dir)
+    manifest = json.loads((staged / MANIFEST).read_text())
+    served = {name: manifest["files"][name] for name in manifest["files"]}
+    if extra_files is not None:
+        extra_files(staged)
+    files = {
+        str(p.relative_to(staged)): sha256_of(p)
+        for p in sorted(staged.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    changed = [name for name, digest in served.items() if files.get(name) != digest]
+    if changed:
+        raise RuntimeError(f"finalising must not alter evaluated files, but {changed} changed")
+    manifest["files"] = files
+    manifest["metrics"] = {**manifest.get("metrics", {}), **(metrics or {})}
+    (staged / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
+    _fsync_tree(staged)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _replace_dir(staged, out_dir)
+    return out_dir
+
+
+def onnx_max_difference(
+    encoder: EncoderWeights,
+    reference: Callable[[np.ndarray], np.ndarray],
+    features: np.ndarray,
+    batch_sizes: Sequence[int] = (1, 2, 64),
+) -> float:
+    """Largest |ONNX - reference| over batches of raw `features` of each size.
+
+    `reference` is the trained model (torch) on the same raw features; the
+    ONNX graph runs in onnxruntime, as the service runs it.
+    """
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(
+        encoder_to_onnx(encoder, "check").SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    worst = 0.0
+    for size in batch_sizes:
+        rows = np.resize(np.arange(len(features)), size)  # repeat rows if there are too few
+        x = np.ascontiguousarray(features[rows], dtype=np.float32)
+        got = session.run(None, {ENCODER_INPUT: x})[0]
+        worst = max(worst, float(np.abs(got - reference(x)).max()))
+    return worst
