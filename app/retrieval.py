@@ -225,3 +225,50 @@ def mean_average_precision(
 ) -> float:
     """MAP@R over all queries (r=None: MAP over the full ranking)."""
     return float(average_precision(scores, query_labels, gallery_labels, r).mean())
+
+
+# --- The same similarity in "pool profile" form, for serving large galleries --------------
+#
+# Since w_g sums to 1 and m_g = sum_b w_g(b) u_b, both terms of S(q, g) are linear in w_g:
+#   m_q.m_g = sum_b w_g(b) (u_b.m_q)      and      s_q.t_g = sum_b w_g(b) s_q(partner(b)),
+# so S(q, g) = sum_{b in P(g)} w_g(b) v_q(b) with the query's profile over the pool
+#   v_q(b) = 1/2 (1 + u_b.m_q) + s_q(partner(b))   (= sum_a w_q(a) h(a, b), row q of W_q H).
+# A gallery item is then its k neighbours and weights only (8k bytes instead of 4C), and
+# scoring it costs k multiply-adds. Exact, not an approximation: the test checks it against
+# marginal_scores and the literal formula.
+
+
+def query_profile(pool: TrainingPool, query: ItemCodes) -> np.ndarray:
+    """v_q over the 2N pool items for each query, shape (Q, 2N), float32."""
+    dense = 0.5 * (1.0 + query.dense.astype(np.float32) @ pool.units.T)
+    sparse = query_sparse_matrix(pool, query).toarray()
+    # s_q(partner(b)): the pair partner's correction lands on b.
+    return (dense + sparse[:, pool.partner(np.arange(pool.size))]).astype(np.float32)
+
+
+def gallery_weight_matrix(
+    pool: TrainingPool, neighbours: np.ndarray, weights: np.ndarray
+) -> sp.csr_matrix:
+    """W_g as a (G, 2N) CSR matrix: row g holds w_g over its k neighbours P(g)."""
+    g, k = neighbours.shape
+    indptr = np.arange(0, g * k + 1, k, dtype=np.int64)
+    return sp.csr_matrix(
+        (
+            np.ascontiguousarray(weights, dtype=np.float32).ravel(),
+            np.ascontiguousarray(neighbours, dtype=np.int32).ravel(),
+            indptr,
+        ),
+        shape=(g, pool.size),
+    )
+
+
+def profile_scores(profile: np.ndarray, gallery_weights: sp.csr_matrix) -> np.ndarray:
+    """S(q, g) = W_g v_q for every query x gallery item, shape (Q, G), float32."""
+    return np.asarray((gallery_weights @ profile.T).T, dtype=np.float32)
+
+
+def profile_scores_rows(
+    profile: np.ndarray, neighbours: np.ndarray, weights: np.ndarray
+) -> np.ndarray:
+    """S(q, g) of ONE query profile (2N,) for a few items given as (n, k) rows: shape (n,)."""
+    return np.einsum("nk,nk->n", weights, profile[neighbours], dtype=np.float32)

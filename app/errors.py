@@ -1,0 +1,117 @@
+"""One JSON error shape for every failure: {"error": {"type", "field", "message"}}.
+
+FastAPI's own validation errors, malformed JSON, unknown routes and methods are
+all rewritten into it, so a client has one thing to parse.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("cdpae.service")
+
+
+class ApiError(Exception):
+    """An error the API reports to the client as it is."""
+
+    def __init__(
+        self,
+        status: int,
+        error_type: str,
+        message: str,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.message = message
+        self.field = field
+        self.headers = headers
+
+
+def error_body(error_type: str, message: str, field: str | None = None) -> dict:
+    return {"error": {"type": error_type, "field": field, "message": message}}
+
+
+def error_response(
+    status: int,
+    error_type: str,
+    message: str,
+    field: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(error_body(error_type, message, field), status_code=status, headers=headers)
+
+
+def field_name(loc: tuple | list) -> str | None:
+    """("body", "vectors", 3, 5) -> "vectors[3][5]"; ("query", "x") -> "x"."""
+    parts = list(loc)
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:]
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or None
+
+
+_STATUS_TYPES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "overloaded",
+    503: "unavailable",
+}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.error_type, exc.message, exc.field, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+        if first.get("type") == "json_invalid":
+            reason = (first.get("ctx") or {}).get("error", "decode error")
+            position = first.get("loc", ())[-1] if first.get("loc") else "?"
+            return error_response(
+                400, "invalid_json", f"the body is not valid JSON: {reason} at character {position}"
+            )
+        field = field_name(first.get("loc", ()))
+        message = str(first.get("msg", "invalid value"))
+        if first.get("type") == "missing":
+            message = "this field is required"
+        elif first.get("type") == "extra_forbidden":
+            message = "unknown field"
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more problems)"
+        return error_response(422, "invalid_request", message, field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no route {request.method} {request.url.path}"
+        headers = dict(exc.headers) if exc.headers else None
+        return error_response(
+            exc.status_code, _STATUS_TYPES.get(exc.status_code, "error"), message, None, headers
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal", "internal error; see the service log")

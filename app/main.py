@@ -1,0 +1,117 @@
+"""The FastAPI application: `create_app(settings)`.
+
+The lifespan loads and verifies the bundle (a broken bundle fails startup with
+the BundleError naming the file), opens the gallery store, then rebuilds the
+in-memory galleries: in a background thread by default, so /healthz answers at
+once and /readyz turns 200 when the gallery is built.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.ann import AnnParams
+from app.bundle import MODALITIES, Bundle, load_bundle
+from app.engine import Engine
+from app.errors import install_error_handlers
+from app.gallery_store import GalleryStore
+from app.metrics import ServiceMetrics, ServiceMiddleware
+from app.routes import gallery, health, search
+from app.settings import Settings
+
+log = logging.getLogger("cdpae.service")
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    bundle: Bundle | None = None,
+    background_load: bool = True,
+    on_ready: Callable[[Engine], None] | None = None,
+) -> FastAPI:
+    """The service. `bundle` may be passed already loaded (cdpae serve verifies it first)."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = app.state
+        loaded = bundle if bundle is not None else load_bundle(settings.bundle)
+        store = GalleryStore(settings.data_dir)
+        engine = Engine(
+            loaded,
+            store,
+            ann_params=AnnParams(
+                M=settings.ann_m,
+                ef_construction=settings.ann_ef_construction,
+                candidates=settings.ann_candidates,
+                max_candidates=settings.ann_max_candidates,
+            ),
+            ann_min_items=settings.ann_min_items,
+        )
+        state.engine = engine
+
+        def build() -> None:
+            try:
+                if settings.seed_default_gallery:
+                    engine.seed_if_empty()
+                engine.load()
+            except Exception as exc:  # reported by /readyz; the process stays up to say so
+                log.exception("loading the gallery failed")
+                state.load_error = f"{type(exc).__name__}: {exc}"
+                return
+            state.ready.set()
+            log.info(
+                "ready: bundle %s, gallery %s",
+                loaded.path,
+                ", ".join(f"{m} {engine.count(m)}" for m in MODALITIES),
+            )
+            if on_ready is not None:
+                on_ready(engine)
+
+        loader = threading.Thread(target=build, name="gallery-loader", daemon=True)
+        if background_load:
+            loader.start()
+        else:
+            build()
+        try:
+            yield
+        finally:
+            if background_load:
+                loader.join(timeout=5)
+            store.close()
+
+    app = FastAPI(
+        title="cdpae",
+        summary="Cross-modal (image <-> text) retrieval with the CDPAE kNN marginal similarity",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = None
+    app.state.ready = threading.Event()
+    app.state.load_error = None
+    app.state.inflight = 0
+    app.state.metrics = ServiceMetrics(
+        gallery_stats=lambda: _gallery_stats(app),
+        search_paths=lambda: dict(app.state.engine.search_paths) if app.state.engine else {},
+    )
+    install_error_handlers(app)
+    app.include_router(search.router)
+    app.include_router(gallery.router)
+    app.include_router(health.router)
+    app.add_middleware(
+        ServiceMiddleware, metrics=app.state.metrics, max_body_bytes=settings.max_body_bytes
+    )
+    return app
+
+
+def _gallery_stats(app: FastAPI) -> list[tuple[str, int, int]]:
+    engine: Engine | None = app.state.engine
+    if engine is None:
+        return []
+    return [(m, len(g), g.nbytes()) for m, g in engine.galleries.items()]

@@ -1,0 +1,201 @@
+"""Prometheus metrics, request ids, access log and the body-size limit: one ASGI middleware.
+
+Pure ASGI (no BaseHTTPMiddleware) so it adds microseconds, not a task per request.
+Each app has its own registry, so tests can build many apps in one process.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import error_response
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+access_log = logging.getLogger("cdpae.access")
+
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class RequestIdFilter(logging.Filter):
+    """Puts the current request id on every log record as `request_id`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id_var.get()
+        return True
+
+
+class ServiceMetrics:
+    def __init__(
+        self,
+        gallery_stats: Callable[[], Iterable[tuple[str, int, int]]],
+        search_paths: Callable[[], dict[str, int]],
+    ) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "cdpae_requests_total",
+            "HTTP requests by route template, method and status",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "cdpae_request_duration_seconds",
+            "HTTP request latency by route template (time to the last body byte)",
+            ["method", "route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_EngineCollector(gallery_stats, search_paths))
+
+
+class _EngineCollector(Collector):
+    """Gallery sizes and search paths, read from the engine at scrape time."""
+
+    def __init__(
+        self,
+        gallery_stats: Callable[[], Iterable[tuple[str, int, int]]],
+        search_paths: Callable[[], dict[str, int]],
+    ) -> None:
+        self._gallery_stats = gallery_stats
+        self._search_paths = search_paths
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        items = GaugeMetricFamily(
+            "cdpae_gallery_items", "items in the gallery", labels=["modality"]
+        )
+        size = GaugeMetricFamily(
+            "cdpae_gallery_memory_bytes",
+            "bytes of the gallery's arrays and ANN index",
+            labels=["modality"],
+        )
+        for modality, count, nbytes in self._gallery_stats():
+            items.add_metric([modality], count)
+            size.add_metric([modality], nbytes)
+        paths = GaugeMetricFamily(
+            "cdpae_search_queries_by_path",
+            "query vectors answered by each path since start (exact, approximate: certified by "
+            "the sparse-term bound, uncertified: candidate cap reached)",
+            labels=["path"],
+        )
+        for path, n in self._search_paths().items():
+            paths.add_metric([path], n)
+        yield items
+        yield size
+        yield paths
+
+
+class ServiceMiddleware:
+    """Request id in/out, 413 before parsing, metrics per route template, one access log line."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, max_body_bytes: int) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        headers = dict(scope.get("headers") or [])
+        incoming = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if _SAFE_ID.match(incoming) else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                ]
+            await send(message)
+
+        try:
+            body_receive = await self._bounded_body(scope, receive, headers)
+            if body_receive is None:
+                response = error_response(
+                    413,
+                    "payload_too_large",
+                    f"request body is over the limit of {self.max_body_bytes} bytes "
+                    "(CDPAE_MAX_BODY_BYTES)",
+                )
+                await response(scope, receive, send_with_id)
+            else:
+                await self.app(scope, body_receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            method = scope.get("method", "")
+            self.metrics.requests.labels(method, template, str(status)).inc()
+            self.metrics.latency.labels(method, template).observe(elapsed)
+            access_log.info("%s %s %d %.1fms", method, scope.get("path"), status, elapsed * 1e3)
+            request_id_var.reset(token)
+
+    async def _bounded_body(
+        self, scope: Scope, receive: Receive, headers: dict[bytes, bytes]
+    ) -> Receive | None:
+        """A receive that replays the body, or None if the body is over the limit."""
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                if int(length) > self.max_body_bytes:
+                    return None
+            except ValueError:
+                return None
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return receive
+        # Chunked or lying clients: read at most the limit, then refuse.
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return receive
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay

@@ -1,0 +1,67 @@
+"""POST /search/image-to-text and /search/text-to-image."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+
+from app.bundle import Modality
+from app.deps import Admission, EngineDep, ReadAccess, SettingsDep
+from app.engine import Engine
+from app.errors import ApiError
+from app.schemas import SearchRequest, SearchResponse
+from app.settings import Settings
+
+router = APIRouter(prefix="/search", tags=["search"], dependencies=[ReadAccess, Admission])
+
+
+def _search(
+    engine: Engine, settings: Settings, query_modality: Modality, body: SearchRequest
+) -> Response:
+    if len(body.vectors) > settings.max_batch:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"at most {settings.max_batch} vectors per request (CDPAE_MAX_BATCH), "
+            f"got {len(body.vectors)}",
+            "vectors",
+        )
+    if body.top_k > settings.max_top_k:
+        raise ApiError(
+            422, "invalid_request", f"top_k must be at most {settings.max_top_k}", "top_k"
+        )
+    features = engine.check_vectors(query_modality, body.vectors, "vectors[{i}]")
+    results = engine.search(
+        query_modality, features, body.top_k, body.similarity, body.filter, body.mode
+    )
+    # Serialised by hand: pydantic models for up to 256 x 1000 hits cost more than the search.
+    payload = ",".join(
+        '{"hits":['
+        + ",".join(
+            f'{{"id":{json.dumps(h.id)},"score":{h.score!r},"metadata":{h.metadata_json}}}'
+            for h in hits
+        )
+        + "]}"
+        for hits in results
+    )
+    return Response('{"results":[' + payload + "]}", media_type="application/json")
+
+
+@router.post(
+    "/image-to-text",
+    response_model=SearchResponse,
+    summary="Rank the text gallery for image feature vectors",
+)
+def image_to_text(body: SearchRequest, engine: EngineDep, settings: SettingsDep) -> Response:
+    return _search(engine, settings, "image", body)
+
+
+@router.post(
+    "/text-to-image",
+    response_model=SearchResponse,
+    summary="Rank the image gallery for text feature vectors",
+)
+def text_to_image(body: SearchRequest, engine: EngineDep, settings: SettingsDep) -> Response:
+    return _search(engine, settings, "text", body)

@@ -1,0 +1,53 @@
+"""Service settings: every knob is an environment variable with the prefix CDPAE_.
+
+`Settings()` reads the environment; `cdpae serve` flags override it. The README's
+settings table lists the same fields.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CDPAE_", extra="ignore")
+
+    bundle: Path = Field(Path("models/wikipedia"), description="bundle directory to serve")
+    data_dir: Path = Field(Path("var"), description="where the gallery store (SQLite) lives")
+    host: str = Field("127.0.0.1", description="interface uvicorn binds to")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    api_key: SecretStr | None = Field(None, description="if set, gallery writes need it")
+    read_api_key: SecretStr | None = Field(
+        None, description="if set, searches and gallery reads need it (or api_key)"
+    )
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="request bodies above this get 413"
+    )
+    max_batch: int = Field(256, ge=1, description="most query vectors in one search")
+    max_upsert: int = Field(1000, ge=1, description="most items in one gallery upsert")
+    max_top_k: int = Field(1000, ge=1, description="largest top_k a search may ask for")
+    max_inflight: int = Field(
+        64, ge=1, description="concurrent searches and writes; beyond it: 503 + Retry-After"
+    )
+    ann_min_items: int = Field(
+        50_000,
+        ge=0,
+        description="knn searches without a filter use the approximate path from this "
+        "gallery size on (0: never unless asked)",
+    )
+    ann_m: int = Field(16, ge=2, description="HNSW M of the gallery's approximate index")
+    ann_ef_construction: int = Field(100, ge=1, description="HNSW ef_construction")
+    ann_candidates: int = Field(
+        256, ge=1, description="first candidate list size of the approximate path"
+    )
+    ann_max_candidates: int = Field(
+        4096, ge=1, description="candidate list cap while widening the approximate path"
+    )
+    seed_default_gallery: bool = Field(
+        True, description="seed an empty store from the bundle's default gallery"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info")

@@ -1,0 +1,95 @@
+"""Shared helpers for the service tests: an in-process client and a real uvicorn process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from app.main import create_app
+from app.settings import Settings
+
+with warnings.catch_warnings():
+    # starlette.testclient (an httpx.Client over the ASGI app, lifespan included)
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient
+
+
+@contextmanager
+def service(bundle: Path, data_dir: Path, **overrides) -> Iterator[TestClient]:
+    """The app in-process with its lifespan run; the gallery is built before the first request."""
+    settings = Settings(bundle=bundle, data_dir=data_dir, **overrides)
+    with TestClient(create_app(settings, background_load=False)) as client:
+        yield client
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`cdpae serve` as a real subprocess on a free 127.0.0.1 port."""
+
+    def __init__(self, bundle: Path, data_dir: Path, log: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "CDPAE_LOG_LEVEL": "info"}
+        self.log = log
+        self._log_file = log.open("ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "app.cli",
+                "serve",
+                "--bundle",
+                str(bundle),
+                "--data-dir",
+                str(data_dir),
+                "--port",
+                str(self.port),
+                *extra,
+            ],
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log.read_text()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"server not ready: {self.log.read_text()}")
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        self._log_file.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log_file.close()

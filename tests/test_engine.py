@@ -1,0 +1,153 @@
+"""The engine against method.md's formula written out here, its ANN path, and concurrency."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from app.bundle import load_bundle
+from app.engine import Engine
+from app.gallery_store import GalleryStore
+from tests.service_helpers import service
+
+
+def _literal_scores(train: np.ndarray, queries: np.ndarray, gallery: np.ndarray, k: int):
+    """S(q, g) = sum_a sum_b w_q(a) w_g(b) h(a, b), written as in method.md (dense matrices)."""
+    n2 = len(train)
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    t = unit(train.astype(np.float64))
+    z_train = (1 + t @ t.T) / 2
+    h = z_train.copy()
+    for a in range(n2):
+        h[a, a] = 1.0
+        h[a, (a + n2 // 2) % n2] = 1.0  # image j and text j: the same object
+
+    def weights(x):
+        z = (1 + unit(x.astype(np.float64)) @ t.T) / 2
+        w = np.zeros_like(z)
+        for i, row in enumerate(z):
+            nearest = np.argsort(-row, kind="stable")[:k]
+            w[i, nearest] = row[nearest] / row[nearest].sum()
+        return w
+
+    return weights(queries) @ h @ weights(gallery).T
+
+
+def test_service_scores_equal_the_literal_formula(synthetic_bundle, tmp_path):
+    bundle = load_bundle(synthetic_bundle)
+    train = np.load(synthetic_bundle / "train_embeddings.npy")
+    default = bundle.default_gallery()
+    with service(synthetic_bundle, tmp_path / "data") as client:
+        for query_modality, gallery_modality, url in [
+            ("image", "text", "/search/image-to-text"),
+            ("text", "image", "/search/text-to-image"),
+        ]:
+            queries = default.features[query_modality][:6]
+            body = {"vectors": queries.tolist(), "top_k": 30}
+            results = client.post(url, json=body).json()["results"]
+            expected = _literal_scores(
+                train,
+                bundle.encoders[query_modality].embed(queries),
+                bundle.encoders[gallery_modality].embed(default.features[gallery_modality]),
+                bundle.knn_k,
+            )
+            ids = list(default.ids)
+            for q, result in enumerate(results):
+                got_ids = [h["id"] for h in result["hits"]]
+                got = np.array([h["score"] for h in result["hits"]])
+                want = expected[q, [ids.index(i) for i in got_ids]]
+                np.testing.assert_allclose(got, want, atol=2e-6)
+                # the same order: the literal ranking is the served one
+                assert got_ids == [ids[j] for j in np.argsort(-expected[q], kind="stable")]
+
+
+@pytest.fixture
+def engine(synthetic_bundle, tmp_path):
+    store = GalleryStore(tmp_path / "store")
+    eng = Engine(load_bundle(synthetic_bundle), store, ann_min_items=0)
+    eng.seed_if_empty()
+    eng.load()
+    yield eng
+    store.close()
+
+
+def _random_text_items(n: int, rng: np.random.Generator, prefix: str = "t"):
+    ids = [f"{prefix}-{i}" for i in range(n)]
+    features = rng.normal(size=(n, 8)).astype(np.float32)
+    return ids, features, [{"category": f"c{i % 5}"} for i in range(n)]
+
+
+def test_approximate_path_matches_exact(engine):
+    rng = np.random.default_rng(1)
+    engine.upsert("text", *_random_text_items(3000, rng))
+    for i in range(0, 3000, 7):  # deleted rows must not come back through the ANN index
+        engine.delete("text", f"t-{i}")
+    queries = rng.normal(size=(40, 16)).astype(np.float32)
+    exact = engine.search("image", queries, 10, mode="exact")
+    approximate = engine.search("image", queries, 10, mode="approximate")
+    assert engine.galleries["text"].ann is not None
+    recall = np.mean(
+        [
+            len({h.id for h in a} & {h.id for h in e}) / 10
+            for a, e in zip(approximate, exact, strict=True)
+        ]
+    )
+    assert recall >= 0.99
+    for a, e in zip(approximate, exact, strict=True):
+        common = {h.id: h.score for h in e}
+        for h in a:  # candidates are rescored exactly
+            if h.id in common:
+                assert h.score == pytest.approx(common[h.id], abs=1e-6)
+    deleted = {f"t-{i}" for i in range(0, 3000, 7)}
+    assert not deleted & {h.id for hits in approximate for h in hits}
+    # an upsert after the index exists goes into it too
+    engine.upsert("text", ["fresh"], engine.store.get("text", "t-1").vector[None, :], [{}])
+    hits = engine.search("image", queries[:1], 3000, mode="approximate")[0]
+    assert "fresh" in {h.id for h in hits}
+
+
+def test_searches_never_see_items_deleted_before_they_began(engine):
+    """Writers upsert and delete while readers search (knn exact, ANN, cosine)."""
+    rng = np.random.default_rng(2)
+    ids, features, metadata = _random_text_items(400, rng, "w")
+    engine.upsert("text", ids, features, metadata)
+    deleted_at: dict[str, float] = {}
+    stop = threading.Event()
+    failures: list[str] = []
+
+    def writer() -> None:
+        for i, item_id in enumerate(ids):
+            if stop.is_set():
+                return
+            engine.delete("text", item_id)
+            deleted_at[item_id] = time.monotonic()
+            if i % 3 == 0:  # and keep growing the gallery, forcing array growth
+                engine.upsert("text", [f"n-{i}"], features[i : i + 1], [{}])
+        stop.set()
+
+    def reader(mode: str, similarity: str) -> None:
+        query = rng.normal(size=(2, 16)).astype(np.float32)
+        while not stop.is_set():
+            began = time.monotonic()
+            gone = {i for i, t in deleted_at.items() if t < began}
+            for hits in engine.search("image", query, 500, similarity, mode=mode):
+                seen = {h.id for h in hits}
+                if seen & gone:
+                    failures.append(f"{mode}/{similarity} saw deleted {sorted(seen & gone)[:3]}")
+
+    threads = [threading.Thread(target=writer)] + [
+        threading.Thread(target=reader, args=args)
+        for args in [("exact", "knn"), ("approximate", "knn"), ("auto", "cosine")]
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not failures, failures[:5]
+    assert engine.count("text") == 30 + len(range(0, 400, 3))
