@@ -169,7 +169,6 @@ def free_port() -> int:
 def test_api_image_steps_run_as_a_shell_script_and_its_cmd_passes_its_healthcheck(
     tmp_path, synthetic_bundle
 ):
-    pytest.importorskip("app.serve_cli", reason="TEMPORARY until the service lands")
     result = subprocess.run(
         [
             sys.executable,
