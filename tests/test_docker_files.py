@@ -194,3 +194,42 @@ def test_api_image_steps_run_as_a_shell_script_and_its_cmd_passes_its_healthchec
     probe = "import importlib.util as u; print(u.find_spec('torch'), u.find_spec('app.main'))"
     out = subprocess.run([venv_python, "-c", probe], capture_output=True, text=True).stdout
     assert out.startswith("None ") and "app/main.py" in out
+
+
+def compose_config_command() -> list[str] | None:
+    """`docker compose` (v2 plugin) if present, else the old standalone `docker-compose`."""
+    import shutil
+
+    if shutil.which("docker"):
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True)
+        if probe.returncode == 0:
+            return ["docker", "compose"]
+    return ["docker-compose"] if shutil.which("docker-compose") else None
+
+
+def test_compose_tool_accepts_the_file(tmp_path):
+    command = compose_config_command()
+    if command is None:
+        pytest.skip("neither `docker compose` nor `docker-compose` is installed")
+    text = (REPO / "docker-compose.yml").read_text()
+    if command == ["docker-compose"]:
+        # v1 (1.29) predates the top-level `name:`; everything else is checked as is.
+        text = "\n".join(line for line in text.splitlines() if not line.startswith("name:"))
+    (tmp_path / "compose.yml").write_text(text)
+    files = ["-f", str(tmp_path / "compose.yml"), "--project-directory", str(REPO)]
+    result = subprocess.run(
+        [*command, *files, "config"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin:/usr/local/bin"},  # no CDPAE_* leaking in from the shell
+    )
+    assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["services"]["api"]["depends_on"]["train"] == {
+        "condition": "service_completed_successfully"
+    }
+    # v1 prints volumes as "src:dst:mode", v2 as mappings with read_only
+    bundle_mount = resolved["services"]["api"]["volumes"][0]
+    assert (
+        bundle_mount.endswith(":ro") if isinstance(bundle_mount, str) else bundle_mount["read_only"]
+    )
