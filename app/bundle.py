@@ -182,18 +182,21 @@ class Bundle:
         """Unit-normalised common-space embeddings of raw features."""
         return unit_rows(self.encoders[modality].embed(features))
 
-    def neighbours(self, units: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def neighbours(
+        self, units: np.ndarray, k: int | None = None, num_threads: int = 1
+    ) -> tuple[np.ndarray, np.ndarray]:
         """k nearest training items (ids, Z) through the HNSW index.
 
         The training index is never modified after loading, and hnswlib queries
-        alone are safe to run concurrently.
+        alone are safe to run concurrently. num_threads > 1 is for bulk work
+        (rebuilding a large gallery), not for requests.
         """
         k = self.knn_k if k is None else k
-        labels, distances = self.index.knn_query(units, k=k, num_threads=1)
+        labels, distances = self.index.knn_query(units, k=k, num_threads=num_threads)
         return labels.astype(np.int64), z_from_cosine_distance(distances)
 
-    def codes(self, units: np.ndarray, k: int | None = None) -> ItemCodes:
-        return item_codes(self.pool, *self.neighbours(units, k))
+    def codes(self, units: np.ndarray, k: int | None = None, num_threads: int = 1) -> ItemCodes:
+        return item_codes(self.pool, *self.neighbours(units, k, num_threads))
 
     def default_gallery(self) -> DefaultGallery:
         with np.load(self.path / DEFAULT_GALLERY, allow_pickle=False) as data:

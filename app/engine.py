@@ -134,10 +134,16 @@ class Gallery:
         arrays = self.neighbours.nbytes + self.weights.nbytes + self.units.nbytes
         return arrays + self.alive.nbytes + (self.ann.size_bytes() if self.ann else 0)
 
-    def _grow(self, needed: int) -> None:
+    def reserve(self, capacity: int) -> None:
+        if capacity > self.capacity:
+            self._grow(capacity, exact=True)
+
+    def _grow(self, needed: int, exact: bool = False) -> None:
         capacity = self.capacity
         while capacity < needed:
             capacity *= 2
+        if exact:
+            capacity = needed
         for name in ("neighbours", "weights", "units", "alive"):
             old = getattr(self, name)
             new = np.zeros((capacity, *old.shape[1:]), dtype=old.dtype)
@@ -216,9 +222,8 @@ class Gallery:
 
     def dense_codes(self, rows: np.ndarray) -> np.ndarray:
         """m_g of the given rows, recomputed from their codes (m_g = sum_b w_g(b) u_b)."""
-        return np.einsum(
-            "nk,nkc->nc", self.weights[rows], self.pool.units[self.neighbours[rows]]
-        ).astype(np.float32)
+        weights = gallery_weight_matrix(self.pool, self.neighbours[rows], self.weights[rows])
+        return np.asarray(weights @ self.pool.units, dtype=np.float32)
 
     def build_ann(self, params: AnnParams) -> None:
         """Index every live row's m_g (under the write lock); seconds per 10k items."""
@@ -294,6 +299,8 @@ class Engine:
         for modality in MODALITIES:
             gallery = self.galleries[modality]
             started = time.perf_counter()
+            with gallery.lock.write():  # room for everything at once: no doubling copies
+                gallery.reserve(self.store.count(modality) + 1024)
             for chunk in self.store.iter_items(modality, chunk=_EMBED_CHUNK):
                 self._apply_put(gallery, modality, chunk)
                 if len(gallery) % (16 * _EMBED_CHUNK) < _EMBED_CHUNK:
@@ -310,7 +317,8 @@ class Engine:
 
     def _apply_put(self, gallery: Gallery, modality: Modality, items: Sequence[StoredItem]) -> None:
         features = np.stack([it.vector for it in items])
-        units, codes = self._codes(modality, features)
+        # Bulk work at startup: let hnswlib use every core for the training-pool kNN.
+        units, codes = self._codes(modality, features, num_threads=os.cpu_count() or 1)
         with gallery.lock.write():
             gallery.put(
                 [it.id for it in items],
@@ -319,11 +327,27 @@ class Engine:
                 [json.dumps(it.metadata, sort_keys=True) for it in items],
             )
 
-    def _codes(self, modality: Modality, features: np.ndarray) -> tuple[np.ndarray, ItemCodes]:
-        units = self.bundle.embed(modality, features)
-        return units, self.bundle.codes(units)
+    def _codes(
+        self, modality: Modality, features: np.ndarray, num_threads: int = 1
+    ) -> tuple[np.ndarray, ItemCodes]:
+        units = self._embed(modality, features, "items[{i}].vector")
+        return units, self.bundle.codes(units, num_threads=num_threads)
 
     # --- validation ---------------------------------------------------------------------------
+
+    def _embed(self, modality: Modality, features: np.ndarray, field: str) -> np.ndarray:
+        """Unit embeddings, or a 422 naming the row: finite but huge inputs overflow inside the
+        encoder (its z-scoring) to NaN, which ranks nothing and would poison later searches."""
+        units = self.bundle.embed(modality, features)
+        bad = ~np.isfinite(units).all(axis=1)
+        if bad.any():
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"the {modality} encoder overflows on these values (too large in magnitude)",
+                field=field.format(i=int(np.argmax(bad))),
+            )
+        return units
 
     def check_vectors(
         self, modality: Modality, rows: Sequence[Sequence[float]], field: str
@@ -366,7 +390,7 @@ class Engine:
     ) -> list[list[Hit]]:
         """Top k of the other modality's gallery for each query row, best first."""
         gallery = self.galleries["text" if query_modality == "image" else "image"]
-        units = self.bundle.embed(query_modality, features)
+        units = self._embed(query_modality, features, "vectors[{i}]")
         codes = profile = None
         if similarity == "knn":
             codes = self.bundle.codes(units)

@@ -69,6 +69,11 @@ class TrainingPool:
         return (np.asarray(index) + self.n_pairs) % self.size
 
     @cached_property
+    def units64(self) -> np.ndarray:
+        """The units in float64, kept once: codes accumulate in float64."""
+        return self.units.astype(np.float64)
+
+    @cached_property
     def pair_constants(self) -> np.ndarray:
         """c_j = (1 + u_img_j . u_txt_j) / 2 for each training pair j, shape (N,)."""
         n = self.n_pairs
@@ -116,7 +121,13 @@ def item_codes(pool: TrainingPool, neighbour_ids: np.ndarray, neighbour_z: np.nd
     z = np.asarray(neighbour_z, dtype=np.float64)
     # Z is in [0, 1]; a row of zeros only happens for exact antipodes, so keep it finite.
     weights = z / np.maximum(z.sum(axis=1, keepdims=True), _NORM_FLOOR)
-    dense = np.einsum("nk,nkc->nc", weights, pool.units[ids], dtype=np.float64)
+    # m_x = W_x U as a sparse product: gathering pool.units[ids] first would materialise an
+    # (n, k, C) array (3 GB for 4096 items at k=100, C=1024).
+    n, k = ids.shape
+    w_sparse = sp.csr_matrix(
+        (weights.ravel(), ids.ravel(), np.arange(0, n * k + 1, k)), shape=(n, pool.size)
+    )
+    dense = w_sparse @ pool.units64
     return ItemCodes(
         dense=dense.astype(np.float32),
         neighbours=ids,

@@ -1,0 +1,336 @@
+"""Benchmark the service over HTTP against a real uvicorn, per gallery size.
+
+For each size N it
+1. fills a gallery store directly (SQLite, cached under --work): the text gallery holds the
+   693 real Wikipedia test texts plus N - 693 synthetic texts drawn around them (a random
+   test text + Gaussian noise of 0.1 x each feature's std, clipped at 0 and renormalised,
+   since LDA proportions sum to 1); the image gallery is the real test images;
+2. starts `cdpae serve` (a real uvicorn subprocess) on it and waits for /readyz (the service
+   rebuilds its in-memory gallery from the store, as after a restart);
+3. sends real test images to POST /search/image-to-text one at a time (latency p50/p99) and
+   in batches of 256 (throughput), for knn (served: exact below CDPAE_ANN_MIN_ITEMS,
+   approximate above), knn forced exact, knn forced approximate and cosine;
+4. measures recall@10 of the approximate path against the exact ranking (same queries);
+5. reads the server's RSS and its gallery memory gauge;
+6. times the literal formula (app.retrieval.literal_marginal_scores: W_q H W_g^T with the
+   (2N, 2N) matrix H and the dense (N, 2N) W_g built the dense way) in this process for one
+   query, where its memory fits in --literal-max-gb, and says how much it would need elsewhere.
+
+    python scripts/bench_service.py --bundle .bench/wiki-quick --sizes 1000 10000 100000
+    python scripts/bench_service.py --bundle .bench/wiki-quick --sizes 1000000 --queries 100
+
+Results are printed as a markdown table and written to --out (JSON, one entry per size).
+The client runs on the same machine as the server (2 shared cores): latencies include it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from app.bundle import load_bundle  # noqa: E402
+from app.gallery_store import GalleryStore  # noqa: E402
+from app.retrieval import literal_marginal_scores  # noqa: E402
+
+
+def fill_store(data_dir: Path, bundle_dir: Path, size: int, seed: int = 0) -> float:
+    """A store with `size` text items (real + synthetic) and the real test images; seconds."""
+    marker = f"bench-{size}-{seed}"
+    probe = GalleryStore(data_dir)
+    try:
+        if probe.get_meta("seeded") == marker:
+            return 0.0
+    finally:
+        probe.close()
+    for name in ("gallery.sqlite3", "gallery.sqlite3-wal", "gallery.sqlite3-shm"):
+        (data_dir / name).unlink(missing_ok=True)
+    started = time.perf_counter()
+    with np.load(bundle_dir / "default_gallery.npz") as g:
+        ids, cats, image, text = g["ids"], g["categories"], g["image"], g["text"]
+    rng = np.random.default_rng(seed)
+    store = GalleryStore(data_dir)
+    texts = [(str(i), v, {"category": str(c)}) for i, v, c in zip(ids, text, cats, strict=True)]
+    images = [(str(i), v, {"category": str(c)}) for i, v, c in zip(ids, image, cats, strict=True)]
+    std = text.std(axis=0)
+    remaining = max(0, size - len(texts))
+    chunk = 100_000
+    # One transaction per chunk; the seed marker goes in with the first.
+    first = True
+    for start in range(0, max(remaining, 1), chunk):
+        n = min(chunk, remaining - start)
+        base = rng.integers(0, len(text), size=n)
+        synthetic = np.clip(text[base] + 0.1 * std * rng.normal(size=(n, text.shape[1])), 0, None)
+        synthetic /= np.maximum(synthetic.sum(axis=1, keepdims=True), 1e-12)
+        items = [
+            (f"syn-{start + j}", synthetic[j].astype(np.float32), {"category": str(cats[b])})
+            for j, b in enumerate(base)
+        ]
+        if first:
+            items = texts[: min(size, len(texts))] + items
+            store.seed({"text": items, "image": images}, marker=marker)
+            first = False
+        else:
+            store.upsert("text", items)
+        print(f"  store: {start + n + len(texts):,} text items", flush=True)
+    store.close()
+    return time.perf_counter() - started
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def start_server(
+    bundle: Path, data_dir: Path, log: Path, env_extra: dict[str, str]
+) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "CDPAE_LOG_LEVEL": "warning", **env_extra}
+    log_file = log.open("w")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "serve",
+            "--bundle",
+            str(bundle),
+            "--data-dir",
+            str(data_dir),
+            "--port",
+            str(port),
+        ],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=ROOT,
+    )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(proc: subprocess.Popen, url: str, timeout: float) -> float:
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError("server exited during startup")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return time.perf_counter() - started
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError("server not ready in time")
+
+
+def single_latencies(http: httpx.Client, queries: np.ndarray, extra: dict) -> np.ndarray:
+    times = []
+    for q in queries:
+        body = {"vectors": [q.tolist()], "top_k": 10, **extra}
+        t0 = time.perf_counter()
+        r = http.post("/search/image-to-text", json=body)
+        times.append(time.perf_counter() - t0)
+        r.raise_for_status()
+    return np.array(times)
+
+
+def batch_throughput(http: httpx.Client, queries: np.ndarray, extra: dict, batches: int) -> float:
+    body = {"vectors": queries[:256].tolist(), "top_k": 10, **extra}
+    http.post("/search/image-to-text", json=body).raise_for_status()  # warm
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        http.post("/search/image-to-text", json=body).raise_for_status()
+    return batches * len(body["vectors"]) / (time.perf_counter() - t0)
+
+
+def hit_ids(http: httpx.Client, queries: np.ndarray, mode: str) -> list[list[str]]:
+    out = []
+    for start in range(0, len(queries), 64):
+        body = {"vectors": queries[start : start + 64].tolist(), "top_k": 10, "mode": mode}
+        r = http.post("/search/image-to-text", json=body, timeout=600)
+        r.raise_for_status()
+        out += [[h["id"] for h in res["hits"]] for res in r.json()["results"]]
+    return out
+
+
+def literal_seconds(
+    bundle_dir: Path, data_dir: Path, size: int, query: np.ndarray, max_gb: float
+) -> tuple[float | None, int]:
+    """One query through literal_marginal_scores, or the memory it would need."""
+    bundle = load_bundle(bundle_dir)
+    two_n = bundle.pool.size
+    need = 8 * (two_n * two_n * 2 + size * two_n + two_n)  # H (+ its product temp), W_g, W_q
+    if need > max_gb * 1e9:
+        return None, need
+    store = GalleryStore(data_dir)
+    features = np.concatenate(
+        [np.stack([it.vector for it in chunk]) for chunk in store.iter_items("text", 50_000)]
+    )
+    store.close()
+    gallery = bundle.codes(bundle.embed("text", features), num_threads=os.cpu_count() or 1)
+    q = bundle.codes(bundle.embed("image", query[None, :]))
+    runs = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        literal_marginal_scores(bundle.pool, q, gallery)
+        runs.append(time.perf_counter() - t0)
+    return float(np.median(runs)), need
+
+
+def bench_size(args: argparse.Namespace, size: int, queries: np.ndarray) -> dict:
+    data_dir = args.work / f"data-{size}"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    print(f"== {size:,} items", flush=True)
+    fill_s = fill_store(data_dir, args.bundle, size)
+    env = {"CDPAE_ANN_MIN_ITEMS": str(args.ann_min_items), "CDPAE_MAX_BODY_BYTES": str(64 << 20)}
+    proc, url = start_server(args.bundle, data_dir, args.work / f"server-{size}.log", env)
+    result: dict = {"size": size, "fill_store_s": round(fill_s, 1)}
+    try:
+        result["startup_s"] = round(wait_ready(proc, url, args.startup_timeout), 1)
+        print(f"  ready in {result['startup_s']} s", flush=True)
+        n_single = min(args.queries, len(queries))
+        with httpx.Client(base_url=url, timeout=600) as http:
+            count = http.get("/gallery/text").json()["count"]
+            assert count == max(size, 693) or count == size, count
+            variants = {
+                "knn": {"similarity": "knn"},
+                "knn_exact": {"similarity": "knn", "mode": "exact"},
+                "cosine": {"similarity": "cosine"},
+                "knn_approx": {"similarity": "knn", "mode": "approximate"},
+            }
+            for name, extra in variants.items():
+                if name == "knn_approx":
+                    # measured before a forced approximate search builds an index below the
+                    # size threshold
+                    result["rss_bytes"] = rss_bytes(proc.pid)
+                    metrics = http.get("/metrics").text
+                    result["gallery_bytes"] = _gauge(
+                        metrics, 'cdpae_gallery_memory_bytes{modality="text"}'
+                    )
+                single_latencies(http, queries[:5], extra)  # warm up
+                lat = single_latencies(http, queries[:n_single], extra)
+                qps = batch_throughput(http, queries, extra, args.batches)
+                result[name] = {
+                    "p50_ms": round(1e3 * float(np.percentile(lat, 50)), 2),
+                    "p99_ms": round(1e3 * float(np.percentile(lat, 99)), 2),
+                    "batch_qps": round(qps, 1),
+                }
+                print(f"  {name:<11} {result[name]}", flush=True)
+            exact = hit_ids(http, queries[: args.recall_queries], "exact")
+            approx = hit_ids(http, queries[: args.recall_queries], "approximate")
+            recall = np.mean(
+                [len(set(a) & set(e)) / len(e) for a, e in zip(approx, exact, strict=True)]
+            )
+            result["ann_recall_at_10"] = round(float(recall), 4)
+            metrics = http.get("/metrics").text
+            result["ann_gallery_bytes"] = _gauge(
+                metrics, 'cdpae_gallery_memory_bytes{modality="text"}'
+            )
+            result["paths"] = {
+                p: _gauge(metrics, f'cdpae_search_queries_by_path{{path="{p}"}}')
+                for p in ("exact", "approximate", "uncertified")
+            }
+            print(f"  recall@10 {result['ann_recall_at_10']}  paths {result['paths']}", flush=True)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    seconds, need = literal_seconds(args.bundle, data_dir, size, queries[0], args.literal_max_gb)
+    result["literal_s"] = None if seconds is None else round(seconds, 3)
+    result["literal_needs_gb"] = round(need / 1e9, 2)
+    print(
+        f"  literal: {result['literal_s']} s/query (needs {result['literal_needs_gb']} GB)",
+        flush=True,
+    )
+    return result
+
+
+def _gauge(metrics: str, name: str) -> int:
+    for line in metrics.splitlines():
+        if line.startswith(name + " "):
+            return int(float(line.split()[-1]))
+    return 0
+
+
+def table(results: list[dict]) -> str:
+    head = (
+        "| items | knn served p50 / p99 ms | knn exact p50 / p99 ms | knn approx p50 / p99 ms "
+        "| cosine p50 / p99 ms | batch q/s knn / exact / approx / cosine | recall@10 approx "
+        "| literal s/query | x literal / knn exact | RSS MB | startup s |"
+    )
+    lines = [head, "|" + "---|" * 11]
+    for r in results:
+
+        def cell(name: str, r: dict = r) -> str:
+            return f"{r[name]['p50_ms']} / {r[name]['p99_ms']}"
+
+        qps = " / ".join(
+            f"{r[n]['batch_qps']:.0f}" for n in ("knn", "knn_exact", "knn_approx", "cosine")
+        )
+        if r["literal_s"] is None:
+            literal, ratio = f"needs {r['literal_needs_gb']} GB", "-"
+        else:
+            literal = f"{r['literal_s']}"
+            ratio = f"{1e3 * r['literal_s'] / r['knn_exact']['p50_ms']:.0f}x"
+        lines.append(
+            f"| {r['size']:,} | {cell('knn')} | {cell('knn_exact')} | {cell('knn_approx')} | "
+            f"{cell('cosine')} | {qps} | {r['ann_recall_at_10']} | {literal} | {ratio} | "
+            f"{r['rss_bytes'] / 1e6:.0f} | {r['startup_s']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--bundle", type=Path, required=True, help="a real Wikipedia bundle")
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000])
+    p.add_argument("--queries", type=int, default=300, help="single queries per variant")
+    p.add_argument("--batches", type=int, default=3, help="batches of 256 per variant")
+    p.add_argument("--recall-queries", type=int, default=300)
+    p.add_argument("--ann-min-items", type=int, default=50_000)
+    p.add_argument("--literal-max-gb", type=float, default=4.0)
+    p.add_argument("--startup-timeout", type=float, default=3600)
+    p.add_argument("--work", type=Path, default=ROOT / ".bench")
+    p.add_argument(
+        "--out", type=Path, default=None, help="JSON results (default: WORK/results.json)"
+    )
+    args = p.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    out = args.out or args.work / "results.json"
+    with np.load(args.bundle / "default_gallery.npz") as g:
+        queries = np.random.default_rng(1).permutation(g["image"])
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    for size in args.sizes:
+        previous[str(size)] = bench_size(args, size, queries)
+        out.write_text(json.dumps(previous, indent=2) + "\n")
+    print(table([previous[k] for k in sorted(previous, key=int)]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
