@@ -320,7 +320,7 @@ class RetryPolicy:
     max_retries: int = DEFAULT_MAX_RETRIES
     backoff_base: float = 0.5
     backoff_max: float = 8.0
-    # A server asking for a longer pause than this is better reported than waited for.
+    # Cap on a server's Retry-After, so one answer can't put a caller to sleep for minutes.
     retry_after_max: float = 30.0
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
@@ -363,7 +363,7 @@ def _env_float(name: str, default: float) -> float:
         raise ValueError(f"{name}: expected a number of seconds, got {raw!r}") from exc
 
 
-class _Settings:
+class _Options:
     """What both clients share: resolved options, headers, URL building."""
 
     def __init__(
@@ -396,7 +396,14 @@ class _Settings:
 def _check(response: httpx.Response) -> Any:
     if response.status_code >= 400:
         raise error_from_response(response)
-    return response.json()
+    try:
+        return response.json()
+    except ValueError as exc:  # something other than the service answered (a proxy page?)
+        raise CdpaeError(
+            f"HTTP {response.status_code} from {response.request.url} is not JSON: "
+            f"{response.text[:200]!r}",
+            status=response.status_code,
+        ) from exc
 
 
 class Client:
@@ -413,15 +420,13 @@ class Client:
         transport: httpx.BaseTransport | None = None,
         http_client: httpx.Client | None = None,
     ) -> None:
-        self._settings = _Settings(base_url, api_key, timeout, max_retries, backoff_base)
+        self._options = _Options(base_url, api_key, timeout, max_retries, backoff_base)
         self._owns_http = http_client is None
-        self._http = http_client or httpx.Client(
-            timeout=self._settings.timeout, transport=transport
-        )
+        self._http = http_client or httpx.Client(timeout=self._options.timeout, transport=transport)
 
     @property
     def base_url(self) -> str:
-        return self._settings.base_url
+        return self._options.base_url
 
     def close(self) -> None:
         if self._owns_http:
@@ -434,8 +439,8 @@ class Client:
         self.close()
 
     def _request(self, method: str, path: str, json: Any = None) -> Any:
-        url = self._settings.url(path)
-        policy = self._settings.retry
+        url = self._options.url(path)
+        policy = self._options.retry
         for attempt in range(policy.max_retries + 1):
             try:
                 try:
@@ -443,8 +448,8 @@ class Client:
                         method,
                         url,
                         json=json,
-                        headers=self._settings.headers(),
-                        timeout=self._settings.timeout,
+                        headers=self._options.headers(),
+                        timeout=self._options.timeout,
                     )
                 except httpx.TransportError as exc:
                     raise _connection_error(exc, url) from exc
@@ -549,15 +554,15 @@ class AsyncClient:
         transport: httpx.AsyncBaseTransport | None = None,
         http_client: httpx.AsyncClient | None = None,
     ) -> None:
-        self._settings = _Settings(base_url, api_key, timeout, max_retries, backoff_base)
+        self._options = _Options(base_url, api_key, timeout, max_retries, backoff_base)
         self._owns_http = http_client is None
         self._http = http_client or httpx.AsyncClient(
-            timeout=self._settings.timeout, transport=transport
+            timeout=self._options.timeout, transport=transport
         )
 
     @property
     def base_url(self) -> str:
-        return self._settings.base_url
+        return self._options.base_url
 
     async def close(self) -> None:
         if self._owns_http:
@@ -570,8 +575,8 @@ class AsyncClient:
         await self.close()
 
     async def _request(self, method: str, path: str, json: Any = None) -> Any:
-        url = self._settings.url(path)
-        policy = self._settings.retry
+        url = self._options.url(path)
+        policy = self._options.retry
         for attempt in range(policy.max_retries + 1):
             try:
                 try:
@@ -579,8 +584,8 @@ class AsyncClient:
                         method,
                         url,
                         json=json,
-                        headers=self._settings.headers(),
-                        timeout=self._settings.timeout,
+                        headers=self._options.headers(),
+                        timeout=self._options.timeout,
                     )
                 except httpx.TransportError as exc:
                     raise _connection_error(exc, url) from exc

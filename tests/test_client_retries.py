@@ -24,6 +24,7 @@ from app.client import (
     AsyncClient,
     AuthenticationError,
     BadRequestError,
+    CdpaeError,
     Client,
     NotFoundError,
     OverloadedError,
@@ -113,17 +114,37 @@ def test_vectors_accept_numpy_and_lists_and_refuse_nonsense():
 
 
 def test_options_default_to_environment_variables(monkeypatch):
+    seen: list[httpx.Request] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"status": "ok"})
+
     monkeypatch.setenv("CDPAE_URL", "http://example.invalid:9/")
     monkeypatch.setenv("CDPAE_API_KEY", "k-env")
     monkeypatch.setenv("CDPAE_TIMEOUT", "2.5")
-    with Client() as c:
-        assert c.base_url == "http://example.invalid:9"
-        assert c._settings.api_key == "k-env" and c._settings.timeout == 2.5
-    with Client("http://other:1", api_key="k-arg", timeout=1) as c:
-        assert c.base_url == "http://other:1" and c._settings.api_key == "k-arg"
+    with Client(transport=httpx.MockTransport(record)) as c:
+        c.health()
+    with Client(
+        "http://other:1", api_key="k-arg", timeout=1, transport=httpx.MockTransport(record)
+    ) as c:
+        c.health()
+    env_request, arg_request = seen
+    assert str(env_request.url) == "http://example.invalid:9/healthz"
+    assert env_request.headers["authorization"] == "Bearer k-env"
+    assert env_request.extensions["timeout"]["read"] == 2.5
+    assert str(arg_request.url) == "http://other:1/healthz"
+    assert arg_request.headers["authorization"] == "Bearer k-arg"
+    assert arg_request.extensions["timeout"]["read"] == 1
     monkeypatch.setenv("CDPAE_TIMEOUT", "soon")
     with pytest.raises(ValueError, match="CDPAE_TIMEOUT"):
         Client()
+
+
+def test_a_non_json_success_is_an_error_not_a_crash():
+    proxy = httpx.MockTransport(lambda r: httpx.Response(200, text="<html>login</html>"))
+    with Client("http://svc", transport=proxy) as c, pytest.raises(CdpaeError, match="not JSON"):
+        c.health()
 
 
 def counting_client(counter: list) -> httpx.Client:
