@@ -7,6 +7,7 @@ the engine checks them.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -26,6 +27,19 @@ def _scalar_values(flt: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 Filter = Annotated[dict[str, Any] | None, AfterValidator(_scalar_values)]
+
+
+def _strict_json(metadata: dict[str, Any]) -> dict[str, Any]:
+    # Python's JSON parser takes NaN, Infinity and 1e400 (-> inf); stored, they would make
+    # every later response carrying this metadata invalid JSON.
+    try:
+        json.dumps(metadata, allow_nan=False)
+    except ValueError as exc:
+        raise ValueError("metadata must be plain JSON: NaN and Infinity are not allowed") from exc
+    return metadata
+
+
+Metadata = Annotated[dict[str, Any], AfterValidator(_strict_json)]
 
 
 class _Strict(BaseModel):
@@ -65,10 +79,17 @@ class SearchResponse(BaseModel):
     results: list[SearchResult]
 
 
+def _addressable(item_id: str) -> str:
+    # URLs normalise "." and ".." path segments away: such an item could never be read or deleted.
+    if item_id in (".", ".."):
+        raise ValueError(f"id {item_id!r} can't be addressed in a URL path")
+    return item_id
+
+
 class GalleryItem(_Strict):
-    id: str = Field(min_length=1, max_length=256)
+    id: Annotated[str, AfterValidator(_addressable)] = Field(min_length=1, max_length=256)
     vector: list[float] = Field(min_length=1, description="raw features of the gallery's modality")
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
 
 
 class UpsertRequest(_Strict):

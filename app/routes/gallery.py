@@ -1,4 +1,8 @@
-"""The gallery of each modality: batch upsert, read, delete, size."""
+"""The gallery of each modality: batch upsert, read, delete, size.
+
+Item routes use {item_id:path}: the server decodes %2F before routing, so an id with a
+slash must still reach its item (else it could be stored but never read or deleted).
+"""
 
 from __future__ import annotations
 
@@ -46,7 +50,7 @@ def upsert_items(
     return UpsertResponse(upserted=len(items), count=count)
 
 
-@router.get("/{modality}/items/{item_id}", dependencies=[ReadAccess], summary="One item")
+@router.get("/{modality}/items/{item_id:path}", dependencies=[ReadAccess], summary="One item")
 def get_item(modality: ModalityDep, item_id: str, engine: EngineDep) -> dict:
     item = engine.get(modality, item_id)
     if item is None:
@@ -55,7 +59,7 @@ def get_item(modality: ModalityDep, item_id: str, engine: EngineDep) -> dict:
 
 
 @router.delete(
-    "/{modality}/items/{item_id}",
+    "/{modality}/items/{item_id:path}",
     response_model=DeleteResponse,
     dependencies=[WriteAccess, Admission],
     summary="Delete one item (durable when acknowledged)",
