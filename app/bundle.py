@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -207,6 +208,23 @@ class Bundle:
             )
 
 
+# hnswlib's saveIndex header: offsetLevel0, max_elements, cur_element_count,
+# size_data_per_element, label_offset, offsetData (size_t each); the vector sits between
+# offsetData and label_offset, so its byte size tells the dimension (float32).
+_HNSW_HEADER = struct.Struct("<6Q")
+
+
+def hnsw_file_dim(path: Path) -> int | None:
+    """The vector dimension an hnswlib index file was built with (None: not an index file)."""
+    with path.open("rb") as f:
+        header = f.read(_HNSW_HEADER.size)
+    if len(header) < _HNSW_HEADER.size:
+        return None
+    *_, label_offset, offset_data = _HNSW_HEADER.unpack(header)
+    data_size = label_offset - offset_data
+    return data_size // 4 if data_size > 0 and data_size % 4 == 0 else None
+
+
 def load_bundle(bundle_dir: Path | str) -> Bundle:
     """Verify then load a bundle; raises BundleError naming the problem."""
     bundle_dir = Path(bundle_dir)
@@ -226,6 +244,14 @@ def load_bundle(bundle_dir: Path | str) -> Bundle:
         raise BundleError(
             f"bundle {bundle_dir}: {TRAIN_EMBEDDINGS} has shape {units.shape}, "
             f"manifest says {expected_shape}"
+        )
+    stored_dim = hnsw_file_dim(bundle_dir / TRAIN_INDEX)
+    if stored_dim != manifest.common_dim:
+        # hnswlib would load it anyway and read vectors of the wrong length (garbage neighbours
+        # or reads past each element): refuse before loading.
+        raise BundleError(
+            f"bundle {bundle_dir}: {TRAIN_INDEX} holds vectors of dimension {stored_dim}, "
+            f"the encoders and manifest say {manifest.common_dim}"
         )
     index = hnswlib.Index(space=manifest.hnsw.space, dim=manifest.common_dim)
     try:
