@@ -94,18 +94,22 @@ def load_dataset(
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise DatasetError(f"{path}: not a readable .npz file ({exc})") from exc
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DatasetError(f"{path}: a single .npy array, not an .npz archive of named arrays")
     with archive:
-        arrays = {key: archive[key] for key in archive.files}
+        arrays = {}
+        for key in archive.files:
+            try:
+                arrays[key] = archive[key]
+            except ValueError as exc:  # object arrays need pickle, which is never allowed
+                raise DatasetError(f"{path}: array {key!r} can't be read ({exc})") from exc
 
     train = _read_split(arrays, "train", path, require_labels)
     test = _read_split(arrays, "test", path, require_labels)
-    if test.image.shape[1] != train.image.shape[1] or test.text.shape[1] != train.text.shape[1]:
-        raise DatasetError(
-            f"{path}: test features have dimensions image {test.image.shape[1]}, text "
-            f"{test.text.shape[1]}; train has {train.image.shape[1]}, {train.text.shape[1]}"
-        )
+    _check_same_dims(train, test, "test", path)
     if "img_val" in arrays:
         validation = _read_split(arrays, "val", path, require_labels)
+        _check_same_dims(train, validation, "validation", path)
     else:
         train, validation = _carve_validation(train, validation_fraction, validation_seed)
 
@@ -126,6 +130,14 @@ def load_dataset(
     return Dataset(
         name=name, train=train, validation=validation, test=test, class_names=class_names
     )
+
+
+def _check_same_dims(train: Split, other: Split, name: str, path: Path) -> None:
+    if other.image.shape[1] != train.image.shape[1] or other.text.shape[1] != train.text.shape[1]:
+        raise DatasetError(
+            f"{path}: {name} features have dimensions image {other.image.shape[1]}, text "
+            f"{other.text.shape[1]}; train has {train.image.shape[1]}, {train.text.shape[1]}"
+        )
 
 
 def _read_split(
