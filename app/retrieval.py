@@ -251,10 +251,14 @@ def mean_average_precision(
 
 def query_profile(pool: TrainingPool, query: ItemCodes) -> np.ndarray:
     """v_q over the 2N pool items for each query, shape (Q, 2N), float32."""
-    dense = 0.5 * (1.0 + query.dense.astype(np.float32) @ pool.units.T)
-    sparse = query_sparse_matrix(pool, query).toarray()
-    # s_q(partner(b)): the pair partner's correction lands on b.
-    return (dense + sparse[:, pool.partner(np.arange(pool.size))]).astype(np.float32)
+    profile = 0.5 * (1.0 + query.dense.astype(np.float32) @ pool.units.T)
+    # s_q(a) = w_q(a) (1 - c_obj(a)) lands on b = partner(a); a query's k neighbours are
+    # distinct, so are their partners, and a plain fancy-index += is exact.
+    rows = np.arange(len(query))[:, None]
+    profile[rows, pool.partner(query.neighbours)] += (
+        query.weights * pool.pair_correction[query.neighbours]
+    )
+    return profile.astype(np.float32, copy=False)
 
 
 def gallery_weight_matrix(

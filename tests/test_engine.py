@@ -151,3 +151,35 @@ def test_searches_never_see_items_deleted_before_they_began(engine):
         t.join(timeout=120)
     assert not failures, failures[:5]
     assert engine.count("text") == 30 + len(range(0, 400, 3))
+
+
+@pytest.mark.parametrize("k", [1, 4, 10])
+def test_pool_profile_form_equals_dense_plus_sparse(k):
+    from app.retrieval import (
+        TrainingPool,
+        gallery_sparse_matrix,
+        gallery_weight_matrix,
+        item_codes,
+        literal_marginal_scores,
+        marginal_scores,
+        profile_scores,
+        profile_scores_rows,
+        query_profile,
+        unit_rows,
+    )
+
+    rng = np.random.default_rng(k)
+    img = rng.normal(size=(25, 6))
+    pool = TrainingPool(unit_rows(np.vstack([img, img + 0.4 * rng.normal(size=img.shape)])))
+    q = item_codes(pool, *pool.exact_neighbours(unit_rows(rng.normal(size=(5, 6))), k))
+    g = item_codes(pool, *pool.exact_neighbours(unit_rows(rng.normal(size=(9, 6))), k))
+    reference = marginal_scores(pool, q, g.dense, gallery_sparse_matrix(pool, g))
+    profile = query_profile(pool, q)
+    served = profile_scores(profile, gallery_weight_matrix(pool, g.neighbours, g.weights))
+    np.testing.assert_allclose(served, reference, atol=1e-6)
+    np.testing.assert_allclose(served, literal_marginal_scores(pool, q, g), atol=1e-6)
+    np.testing.assert_allclose(
+        profile_scores_rows(profile[2], g.neighbours[3:7], g.weights[3:7]),
+        served[2, 3:7],
+        atol=1e-6,
+    )
