@@ -13,6 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.gallery_store import StoreFullError
+
 log = logging.getLogger("cdpae.service")
 
 
@@ -109,6 +111,15 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = dict(exc.headers) if exc.headers else None
         return error_response(
             exc.status_code, _STATUS_TYPES.get(exc.status_code, "error"), message, None, headers
+        )
+
+    @app.exception_handler(StoreFullError)
+    async def _store_full(request: Request, exc: StoreFullError) -> JSONResponse:
+        log.error("write refused: %s", exc)
+        return error_response(
+            507,
+            "insufficient_storage",
+            "the gallery store's disk is full; the write was not applied (reads still work)",
         )
 
     @app.exception_handler(Exception)

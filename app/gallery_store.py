@@ -138,8 +138,12 @@ class GalleryStore:
         return _Transaction(self._db)
 
 
+class StoreFullError(Exception):
+    """The disk under the store is full: the write was rolled back, nothing changed."""
+
+
 class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception."""
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception (COMMIT's own included)."""
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
@@ -147,8 +151,21 @@ class _Transaction:
     def __enter__(self) -> None:
         self._db.execute("BEGIN IMMEDIATE")
 
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        if exc_type is None:
+            try:
+                self._db.execute("COMMIT")
+                return
+            except sqlite3.Error as commit_error:
+                exc = commit_error
+        # A failed COMMIT (disk full) may leave the transaction open: later reads on this one
+        # connection would see writes that were never acknowledged, and every later BEGIN fails.
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL":
+            raise StoreFullError("the disk under the gallery store is full") from exc
+        if exc_type is None:
+            raise exc  # the COMMIT error, after the rollback
 
 
 def _item(row: tuple) -> StoredItem:
