@@ -93,9 +93,14 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(
                 400, "invalid_json", f"the body is not valid JSON: {reason} at character {position}"
             )
-        field = field_name(first.get("loc", ()))
+        loc = tuple(first.get("loc", ()))
+        field = field_name(loc)
         message = str(first.get("msg", "invalid value"))
-        if first.get("type") == "missing":
+        if loc == ("body",):
+            # The body as a whole: absent, not an object, or not sent as JSON.
+            field = "body"
+            message = "the body must be a JSON object sent with Content-Type: application/json"
+        elif first.get("type") == "missing":
             message = "this field is required"
         elif first.get("type") == "extra_forbidden":
             message = "unknown field"

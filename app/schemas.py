@@ -51,7 +51,7 @@ class SearchRequest(_Strict):
     vectors: list[list[float]] = Field(
         min_length=1, description="raw feature vectors of the query modality, one per query"
     )
-    top_k: int = Field(10, ge=1, le=1000, description="hits per query")
+    top_k: int = Field(10, ge=1, le=1000, strict=True, description="hits per query")
     similarity: Similarity = Field(
         "knn", description="knn: the kNN marginal-probability similarity; cosine: plain cosine"
     )

@@ -135,6 +135,10 @@ def test_bad_search_input_is_a_4xx_naming_the_field(client):
     _error(client.post(url, content=inf, headers=raw), 422, "vectors[0][1]")
     big = json.dumps({"vectors": [good]}).replace(str(good[1]), "1e39", 1)  # overflows float32
     _error(client.post(url, content=big, headers=raw), 422, "vectors[0][1]")
+    _error(client.post(url, content=b"[1, 2]", headers=raw), 422, "body")
+    _error(client.post(url, content=b"", headers=raw), 422, "body")
+    _error(client.post(url, json={"vectors": [good], "top_k": True}), 422, "top_k")
+    _error(client.post(url, json={"vectors": [good], "top_k": 2.5}), 422, "top_k")
     e = _error(client.post(url, content=b'{"vectors": [[1, 2', headers=raw), 400, None)
     assert e["type"] == "invalid_json"
     _error(client.post("/search/sideways", json={"vectors": [good]}), 404, None)
