@@ -41,6 +41,7 @@ class CrashReport:
     in_flight_requests: int = 0  # no answer before the kill
     in_flight_applied: int = 0  # of those, found applied (whole) after the restart
     refused: list[str] = field(default_factory=list)  # a write answered other than 200
+    refused_disk_full: int = 0  # 507s (allowed when the run is on a nearly full disk)
     partial: list[str] = field(default_factory=list)  # a batch applied in part
     lost: list[str] = field(default_factory=list)  # acknowledged, then missing or wrong
     resurrected: list[str] = field(default_factory=list)  # deleted, then back
@@ -68,7 +69,8 @@ class CrashReport:
             f"kill ({self.in_flight_applied} found applied whole, the rest not at all, "
             f"{len(self.partial)} partial); lost {len(self.lost)}, resurrected "
             f"{len(self.resurrected)}, unsearchable {len(self.unsearchable)}, refused writes "
-            f"{len(self.refused)}, integrity problems {len(self.integrity)}; "
+            f"{len(self.refused)}, 507 disk full {self.refused_disk_full}, integrity problems "
+            f"{len(self.integrity)}; "
             f"restart to ready: median {median:.2f} s"
         )
 
@@ -105,6 +107,7 @@ def _writer(
     rng: random.Random,
     stop: threading.Event,
     n_ids: int,
+    disk_full_ok: bool,
 ) -> None:
     ids = [form.format(n=n) for n in range(n_ids) for form in ID_FORMS]
     with httpx.Client(base_url=url, timeout=30) as http:
@@ -139,6 +142,10 @@ def _writer(
                     ledger.pending.append({(modality, i): st for i, st in intent.items()})
                 report.in_flight_requests += 1
                 return
+            if response.status_code == 507 and disk_full_ok:
+                report.refused_disk_full += 1  # refused, so not applied: the ledger stays
+                time.sleep(0.01)
+                continue
             if response.status_code != 200:
                 report.refused.append(f"{response.status_code} {response.text[:200]}")
                 return
@@ -218,6 +225,8 @@ def run_crash_rounds(
     n_ids: int = 12,
     max_write_seconds: float = 0.8,
     progress: Callable[[int, CrashReport], None] | None = None,
+    disk_full_ok: bool = False,
+    after_first_start: Callable[[], None] | None = None,
 ) -> CrashReport:
     """`kills` rounds of write-then-SIGKILL, a restart and a full check after each."""
     rng = random.Random(seed)
@@ -236,6 +245,8 @@ def run_crash_rounds(
                     base = {m: http.get(f"/gallery/{m}").json()["count"] for m in MODALITIES}
                     dims = {m: http.get(f"/gallery/{m}").json()["dim"] for m in MODALITIES}
                 verify(http, ledger, report, base)
+            if round_no == 0 and after_first_start is not None:
+                after_first_start()  # e.g. fill the disk once the store exists
             if round_no == kills:
                 break
             stop = threading.Event()
@@ -251,6 +262,7 @@ def run_crash_rounds(
                         random.Random(rng.random()),
                         stop,
                         n_ids,
+                        disk_full_ok,
                     ),
                 )
                 for m in MODALITIES

@@ -45,11 +45,29 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def _fill(mount: Path, leave: int) -> Path:
+def fill(mount: Path, leave: int) -> Path:
+    """Fill the file system but `leave` bytes."""
     stat = os.statvfs(mount)
     filler = mount / "filler"
     filler.write_bytes(b"\0" * max(0, stat.f_bavail * stat.f_frsize - leave))
     return filler
+
+
+@pytest.mark.slow
+def test_sigkill_on_a_nearly_full_disk(synthetic_bundle, small_disk):
+    report = run_crash_rounds(
+        synthetic_bundle,
+        small_disk / "data",
+        small_disk.parent / "logs",
+        3,
+        seed=1,
+        disk_full_ok=True,
+        after_first_start=lambda: fill(small_disk, leave=160_000),
+        max_write_seconds=1.5,
+    )
+    print(report.summary())
+    assert report.problems == [], report.problems[:5]
+    assert report.refused_disk_full > 0 and report.acked_upserts > 0, report.summary()
 
 
 @pytest.mark.slow
@@ -61,7 +79,7 @@ def test_full_disk_refuses_writes_cleanly_and_keeps_the_store(synthetic_bundle, 
     refused = []
     try:
         server.wait_ready()
-        filler = _fill(small_disk, leave=150_000)
+        filler = fill(small_disk, leave=150_000)
         with httpx.Client(base_url=server.url, timeout=30) as http:
             vector = http.get("/gallery/text/items/g-1").json()["vector"]
             for i in range(200):
