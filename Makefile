@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-BUNDLE ?= models/wikipedia
+DATA   ?= wikipedia
+BUNDLE ?= models/$(DATA)
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
@@ -18,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 $(BUNDLE)/manifest.json: | install
-	$(BIN)/cdpae train --data wikipedia --out $(BUNDLE)
+	$(BIN)/cdpae train --data $(DATA) --out $(BUNDLE)
 
 bundle: $(BUNDLE)/manifest.json
 
