@@ -205,3 +205,14 @@ def test_search_cli_prints_the_served_hits(server, reader, gallery, tmp_path, ca
     # without the key the service says 401 and the command says so, exit 1
     assert search_main([*argv, "--top-k", "3"]) == 1
     assert "401" in capsys.readouterr().err
+    # the same through the installed command line, key from the environment
+    env = {**os.environ, "CDPAE_API_KEY": READ_KEY}
+    shell = subprocess.run(
+        [sys.executable, "-m", "app.cli", "search", *argv, "--top-k", "3"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert shell.returncode == 0, shell.stderr
+    assert shell.stdout == out
