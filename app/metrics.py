@@ -158,7 +158,9 @@ class ServiceMiddleware:
             method = scope.get("method", "")
             self.metrics.requests.labels(method, template, str(status)).inc()
             self.metrics.latency.labels(method, template).observe(elapsed)
-            access_log.info("%s %s %d %.1fms", method, scope.get("path"), status, elapsed * 1e3)
+            # the decoded path may hold %0A etc.: escaped, so a request can't forge log lines
+            path = str(scope.get("path", "")).encode("unicode_escape").decode("ascii")
+            access_log.info("%s %s %d %.1fms", method, path, status, elapsed * 1e3)
             request_id_var.reset(token)
 
     async def _bounded_body(

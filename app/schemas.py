@@ -8,6 +8,7 @@ the engine checks them.
 from __future__ import annotations
 
 import json
+import unicodedata
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -80,9 +81,12 @@ class SearchResponse(BaseModel):
 
 
 def _addressable(item_id: str) -> str:
-    # URLs normalise "." and ".." path segments away: such an item could never be read or deleted.
+    # URLs normalise "." and ".." path segments away, and the router's path pattern stops at a
+    # newline: such an item could be stored but never read or deleted.
     if item_id in (".", ".."):
         raise ValueError(f"id {item_id!r} can't be addressed in a URL path")
+    if any(unicodedata.category(c) == "Cc" for c in item_id):
+        raise ValueError("id must not contain control characters (newline, tab, NUL...)")
     return item_id
 
 

@@ -112,7 +112,7 @@ def test_non_json_numbers_in_metadata_are_refused(client, constant):
 
 # ("a%2Fb" is checked against a real uvicorn in test_reliability_crash.py: starlette's
 # TestClient decodes the path twice.)
-@pytest.mark.parametrize("item_id", ["a/b", "/lead", "trail/", "a?b#c", "\x00x", "é 🙂"])
+@pytest.mark.parametrize("item_id", ["a/b", "/lead", "trail/", "a?b#c", "é 🙂", "%"])
 def test_every_acknowledged_id_can_be_read_and_deleted(client, item_id):
     # "a/b" was stored (200) but the server decodes %2F before routing: GET and DELETE hit
     # "no route", so the item could never be read or removed.
@@ -129,12 +129,31 @@ def test_every_acknowledged_id_can_be_read_and_deleted(client, item_id):
     assert client.get(url).status_code == 404
 
 
-@pytest.mark.parametrize("item_id", [".", ".."])
-def test_dot_ids_are_refused_because_urls_normalise_them_away(client, item_id):
+@pytest.mark.parametrize(
+    ("item_id", "says"),
+    [
+        (".", "URL path"),
+        ("..", "URL path"),
+        # found by scripts/fuzz_long.py: "x\n" was stored, but GET .../x%0A answered for "x"
+        # (the route pattern's $ matches before a final newline) and "a\nb" had no route
+        ("x\n", "control characters"),
+        ("a\nb", "control characters"),
+        ("\x00x", "control characters"),
+        ("tab\t", "control characters"),
+    ],
+)
+def test_unaddressable_ids_are_refused(client, item_id, says):
     r = client.put(
         "/gallery/text/items", json={"items": [{"id": item_id, "vector": _vector(client)}]}
     )
-    assert "URL path" in _error(r, 422, "items[0].id")
+    assert says in _error(r, 422, "items[0].id")
+
+
+def test_access_log_lines_cannot_be_forged_through_the_path(client, caplog):
+    caplog.set_level("INFO", logger="cdpae.access")
+    client.get("/gallery/text/items/x%0A2026-01-01 INFO cdpae.access fake line")
+    lines = [r.getMessage() for r in caplog.records if r.name == "cdpae.access"]
+    assert lines and all("\n" not in line for line in lines), lines
 
 
 def test_problem_checker_catches_what_it_should(client):
