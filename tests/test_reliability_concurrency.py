@@ -118,6 +118,7 @@ def test_searches_during_contested_writes(synthetic_bundle, tmp_path):
     assert not errors, errors[:3]
     assert not violations, violations[:5]
     writes = sum(len(h) for h in history.values())
+    print(f"{writes} contested writes, {searches[0]} searches in {SECONDS:.0f} s, 0 violations")
     assert writes > 50 and searches[0] > 50, (writes, searches[0])
 
     # counts consistent: the history, memory and the store agree, and so does a fresh load
