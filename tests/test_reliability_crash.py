@@ -15,7 +15,7 @@ import pytest
 from tests.reliability_crash import integrity_check, run_crash_rounds
 from tests.service_helpers import Server
 
-KILLS = int(os.environ.get("CDPAE_CRASH_KILLS", "8"))
+KILLS = int(os.environ.get("CDPAE_CRASH_KILLS", "5"))
 
 
 @pytest.mark.slow
@@ -59,7 +59,7 @@ def test_sigkill_on_a_nearly_full_disk(synthetic_bundle, small_disk):
         synthetic_bundle,
         small_disk / "data",
         small_disk.parent / "logs",
-        3,
+        2,
         seed=1,
         disk_full_ok=True,
         after_first_start=lambda: fill(small_disk, leave=160_000),
