@@ -63,6 +63,19 @@ class Dataset:
     def category_names(self, labels: np.ndarray) -> np.ndarray:
         return self.class_names[labels]
 
+    def train_and_validation(self) -> Split:
+        """Every pair that is not test: what the final model is refitted on after selection."""
+        parts = (self.train, self.validation)
+        labels = None
+        if all(p.labels is not None for p in parts):
+            labels = np.concatenate([p.labels for p in parts])
+        return Split(
+            image=np.vstack([p.image for p in parts]),
+            text=np.vstack([p.text for p in parts]),
+            labels=labels,
+            ids=np.concatenate([p.ids for p in parts]),
+        )
+
 
 def resolve(data: str | Path) -> tuple[str, Path]:
     """`wikipedia` / `cub` name the shipped sets; anything else is a path."""

@@ -29,6 +29,8 @@ from training.data import Dataset, Split
 
 K_GRID: tuple[int, ...] = (5, 10, 20, 50, 100, 200, 500, 1000)
 ROWS = ("cdpae_knn", "cdpae_cosine", "cca", "cca_knn")
+# manifest hyperparameters["trained_on"] of a model refitted on every non-test pair
+TRAIN_PLUS_VALIDATION = "train+validation"
 
 # (image->text scores, text->image scores) for one method
 ScorePair = tuple[np.ndarray, np.ndarray]
@@ -124,14 +126,25 @@ def hnsw_recall(bundle: Bundle, units: np.ndarray, k: int) -> float:
     return float(np.mean(hits))
 
 
-def cca_rows(
-    train: Split, validation: Split, split: Split, k_grid: Sequence[int] = K_GRID
-) -> tuple[dict[str, ScorePair], int, dict[int, float]]:
-    """CCA fitted on `train`: cosine scores, and kNN scores with k chosen on validation."""
+def _cca_pool(train: Split) -> tuple[CCA, TrainingPool]:
     cca = CCA.fit(train.image, train.text)
-    pool = TrainingPool(
-        unit_rows(np.vstack([cca.embed_image(train.image), cca.embed_text(train.text)]))
-    )
+    units = np.vstack([cca.embed_image(train.image), cca.embed_text(train.text)])
+    return cca, TrainingPool(unit_rows(units))
+
+
+def cca_rows(
+    train: Split,
+    validation: Split,
+    split: Split,
+    k_grid: Sequence[int] = K_GRID,
+    fit_on: Split | None = None,
+) -> tuple[dict[str, ScorePair], int, dict[int, float]]:
+    """CCA cosine and kNN scores on `split`, the same protocol as CDPAE's.
+
+    k is chosen on `validation` with CCA fitted on `train`; the scored CCA is
+    then fitted on `fit_on` (train + validation when CDPAE was refitted on it).
+    """
+    cca, pool = _cca_pool(train)
     assert validation.labels is not None
     table = sweep_knn_k(
         pool,
@@ -141,6 +154,8 @@ def cca_rows(
         k_grid,
     )
     k = best_k(table)
+    if fit_on is not None:
+        cca, pool = _cca_pool(fit_on)
     image_units = unit_rows(cca.embed_image(split.image))
     text_units = unit_rows(cca.embed_text(split.text))
     image = item_codes(pool, *pool.exact_neighbours(image_units, k))
@@ -165,7 +180,14 @@ def evaluate(bundle: Bundle, dataset: Dataset, split_name: str = "test") -> Eval
         "cdpae_knn": knn_score_pair(bundle.pool, image_codes, text_codes),
         "cdpae_cosine": cosine_score_pair(image_units, text_units),
     }
-    cca_scores, cca_k, cca_table = cca_rows(dataset.train, dataset.validation, split)
+    # CCA is fitted on the very pairs the bundle's model was trained on.
+    refit = bundle.manifest.hyperparameters.get("trained_on") == TRAIN_PLUS_VALIDATION
+    cca_scores, cca_k, cca_table = cca_rows(
+        dataset.train,
+        dataset.validation,
+        split,
+        fit_on=dataset.train_and_validation() if refit else None,
+    )
     scores.update(cca_scores)
     recall = hnsw_recall(bundle, np.vstack([image_units, text_units]), bundle.knn_k)
     return Evaluation(

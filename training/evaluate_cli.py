@@ -1,6 +1,6 @@
 """`cdpae evaluate`: score a bundle and the CCA baselines on a data set's test split.
 
-    cdpae evaluate --bundle models/wikipedia --data wikipedia [--json] [--split test]
+    cdpae evaluate --bundle models/wikipedia --data wikipedia [--json]
 
 The CDPAE rows go through the bundle exactly as the service serves it.
 """
@@ -21,7 +21,6 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdpae evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", required=True, type=Path, help="bundle directory")
     parser.add_argument("--data", required=True, help="wikipedia, cub, or a path to an .npz file")
-    parser.add_argument("--split", choices=("test", "validation"), default="test")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
@@ -43,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    result = evaluate(bundle, dataset, args.split).as_json(dataset.name)
+    result = evaluate(bundle, dataset).as_json(dataset.name)
     if args.json:
         print(json.dumps(result))
         return 0

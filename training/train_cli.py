@@ -18,13 +18,14 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from app.bundle import load_bundle
 from training.data import DatasetError, load_dataset
-from training.evaluate import ROWS, Evaluation, evaluate
+from training.evaluate import ROWS, TRAIN_PLUS_VALIDATION, Evaluation, evaluate
 from training.export import (
     GalleryArrays,
     finalise_bundle,
@@ -34,7 +35,7 @@ from training.export import (
 from training.model import encoder_weights
 from training.report import plot_knn_k, plot_precision_recall, plot_training, plot_tsne
 from training.selection import Selection, default_grid, quick_grid, run_selection
-from training.trainer import TrainResult
+from training.trainer import TrainResult, train_cdpae
 
 # ONNX must reproduce the torch encoder to this absolute tolerance (float32 math).
 ONNX_TOLERANCE = 1e-5
@@ -49,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
         "--quick",
         action="store_true",
         help="no grid search: one preset configuration, at most 6 validation evaluations",
+    )
+    parser.add_argument(
+        "--no-refit",
+        action="store_true",
+        help="serve the selected model as trained on the train split, instead of refitting "
+        "it on train + validation for the selected number of passes",
     )
     parser.add_argument("--no-plots", action="store_true", help="skip the plots (faster)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -67,8 +74,24 @@ def main(argv: list[str] | None = None) -> int:
     grid = quick_grid() if args.quick else default_grid()
     selection = run_selection(dataset, grid, seed=args.seed, progress=not args.quiet)
     winner = selection.winner
-    trained = winner.result
     timings = {"selection_s": round(time.perf_counter() - started, 2)}
+    pool_split = dataset.train
+    trained = winner.result
+    if not args.no_refit:
+        # Selection is done; the validation pairs now serve as more training data.
+        # Same configuration, same number of passes as the kept state, last state kept.
+        pool_split = dataset.train_and_validation()
+        passes = winner.result.best_index + 1
+        trained = train_cdpae(
+            replace(winner.candidate.config, max_evals=passes),
+            pool_split,
+            dataset.validation,
+            seed=args.seed,
+            progress=not args.quiet,
+            description="refit train+validation",
+            keep_best=False,
+        )
+        timings["refit_s"] = round(time.perf_counter() - started - timings["selection_s"], 2)
 
     image_encoder = encoder_weights(
         trained.model.image_encoder, trained.image_std.mean, trained.image_std.scale
@@ -93,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         "config_name": winner.candidate.name,
         "knn_k": winner.knn_k,
         "seed": args.seed,
+        "trained_on": "train" if args.no_refit else TRAIN_PLUS_VALIDATION,
+        "steps": trained.steps,
+        "selected_steps": winner.result.best.step,
         "selected_on": "validation mean MAP@50, kNN similarity",
     }
     validation = {
@@ -109,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             dataset=dataset.name,
             image_encoder=image_encoder,
             text_encoder=text_encoder,
-            train_embeddings=trained.train_embeddings(dataset.train),
+            train_embeddings=trained.train_embeddings(pool_split),
             gallery=GalleryArrays(
                 ids=test.ids,
                 categories=dataset.category_names(test.labels)
@@ -178,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         _remove_tree(staged)
     _print_summary(args.out, selection, trained, evaluation.as_json(dataset.name), report)
+    if not args.no_refit:
+        print(
+            f"served model: refitted on {len(pool_split)} train+validation pairs, "
+            f"{trained.steps} steps"
+        )
     return 0
 
 
@@ -210,7 +241,8 @@ def _print_summary(
     winner = selection.winner
     print(f"bundle: {out}  ({report['timings']['total_s']:.1f} s, pid {os.getpid()})")
     print(
-        f"selected: {winner.candidate.name} (seed {trained.seed}, {trained.steps} steps), "
+        f"selected: {winner.candidate.name} (seed {trained.seed}, best at step "
+        f"{winner.result.best.step} of {winner.result.steps}), "
         f"knn_k={winner.knn_k}; validation MAP@50 knn {winner.val_knn:.4f}, "
         f"cosine {winner.val_cosine:.4f}"
     )

@@ -140,8 +140,13 @@ def train_cdpae(
     progress: bool = False,
     description: str = "train",
     should_stop: Callable[[list[EvalPoint]], bool] | None = None,
+    keep_best: bool = True,
 ) -> TrainResult:
-    """Train one model; `should_stop(history)` lets a caller cut a run short (screening)."""
+    """Train one model; `should_stop(history)` lets a caller cut a run short (screening).
+
+    keep_best=False trains for exactly `max_evals` evaluation periods and keeps the
+    last state: the refit on train + validation, where validation is no longer held out.
+    """
     if validation.labels is None:
         raise ValueError("validation needs labels: model selection ranks by category")
     torch.set_num_threads(TORCH_THREADS)
@@ -218,6 +223,9 @@ def train_cdpae(
                 result.best_index = len(result.history) - 1
             else:
                 since_best += 1
+            if not keep_best:
+                best_state, result.best_index = None, len(result.history) - 1
+                continue
             if since_best >= config.patience or (should_stop and should_stop(result.history)):
                 break
     bar.close()
