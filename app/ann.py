@@ -1,17 +1,21 @@
 """The approximate path for large galleries: an HNSW index for inner products with the m_g.
 
-S(q, g) = 1/2 + 1/2 m_q.m_g + s_q.t_g. The dense term is what the index ranks;
-the sparse term is small and bounded for every item g:
-    s_q.t_g = sum_a s_q(a) w_g(partner(a)) <= min(max_a s_q(a), sum_a s_q(a) * w_max)
-(w_g sums to 1; w_max is the largest weight any gallery item has). So after
-rescoring the index's L candidates exactly, an item the index did not return has
-    S <= 1/2 + 1/2 d_L + bound_q,   d_L = the smallest m_q.m_g among the candidates
-(if the index's own ranking is right). When that is below the k-th exact score
-the top k is certified; otherwise L doubles, up to a cap. HNSW recall itself is
+S(q, g) = 1/2 + 1/2 m_q.m_g + s_q.t_g. The dense term is what the index ranks, on a
+projection P m_g onto the top r principal directions of the training pool (the m_g are
+convex mixes of pool vectors, so they live near that subspace; r = 128 keeps 97% of
+their norm on the Wikipedia bundle). The rest is bounded for every item g:
+- the projection error: |m_q.m_g - Pm_q.Pm_g| <= |r_q| * r_max, with r_x = m_x - P m_x
+  and r_max the largest residual norm of any gallery item;
+- the sparse term: s_q.t_g = sum_a s_q(a) w_g(partner(a)) <= min(max_a s_q(a),
+  sum_a s_q(a) * w_max), w_max the largest weight of any gallery item (w_g sums to 1).
+So after rescoring the index's L candidates exactly, an item the index did not return has
+    S <= 1/2 + 1/2 (d_L + |r_q| r_max) + sparse bound,  d_L = the smallest Pm_q.Pm_g among
+the candidates (if the index's own ranking is right). When that is below the k-th exact
+score the top k is certified; otherwise L doubles, up to a cap. HNSW recall itself is
 measured in scripts/bench_service.py.
 
-hnswlib's add and query are not safe together: the caller (engine.Gallery)
-holds a read lock for queries and a write lock for changes.
+hnswlib's add and query are not safe together: the caller (engine.Gallery) holds a read
+lock for queries and a write lock for changes.
 """
 
 from __future__ import annotations
@@ -27,28 +31,33 @@ class AnnParams:
     M: int = 16
     ef_construction: int = 100
     candidates: int = 256
-    max_candidates: int = 4096
+    max_candidates: int = 8192
+    dim: int = 128  # projection size; 0 or >= C: no projection
 
 
-def _lift(dense: np.ndarray) -> np.ndarray:
-    """[m, sqrt(1 - |m|^2)]: every m_g has norm <= 1 (a convex mix of unit vectors), so the
-    lifted points all have norm 1 and L2 order equals inner-product order for a query [m_q, 0].
-
-    HNSW over the raw inner product (a non-metric) found only ~74% of the true top 256 on
-    the Wikipedia bundle at 10k items; over the lifted points it finds ~99.8% (M=16).
-    """
-    dense = np.asarray(dense, dtype=np.float32)
-    norms2 = np.einsum("nc,nc->n", dense, dense)
-    extra = np.sqrt(np.clip(1.0 - norms2, 0.0, None))[:, None]
-    return np.ascontiguousarray(np.hstack([dense, extra]), dtype=np.float32)
+def pool_basis(units: np.ndarray, dim: int) -> np.ndarray | None:
+    """(C, r) orthonormal top principal directions of the pool (uncentred), or None."""
+    if dim <= 0 or dim >= units.shape[1]:
+        return None
+    _, _, vt = np.linalg.svd(np.asarray(units, dtype=np.float64), full_matrices=False)
+    return np.ascontiguousarray(vt[:dim].T, dtype=np.float32)
 
 
 class AnnIndex:
-    """HNSW over gallery rows' lifted dense codes m_g (space 'l2'); label = gallery row."""
+    """HNSW (space 'l2') over lifted projected m_g; label = gallery row.
 
-    def __init__(self, dim: int, capacity: int, params: AnnParams) -> None:
+    Lifting: [P m, sqrt(1 - |P m|^2)]. |P m| <= |m| <= 1 (m is a convex mix of unit
+    vectors), so every lifted point has norm 1 and L2 order equals inner-product order for
+    the query [P m_q, 0]. HNSW over the raw inner product (a non-metric) found only ~74% of
+    the true top 256 on the Wikipedia bundle at 10k items; over the lifted points ~99.8%.
+    """
+
+    def __init__(
+        self, dim: int, capacity: int, params: AnnParams, basis: np.ndarray | None = None
+    ) -> None:
         self.params = params
-        self.index = hnswlib.Index(space="l2", dim=dim + 1)
+        self.basis = basis
+        self.index = hnswlib.Index(space="l2", dim=(dim if basis is None else basis.shape[1]) + 1)
         self.index.init_index(
             max_elements=max(capacity, 16),
             M=params.M,
@@ -57,20 +66,36 @@ class AnnIndex:
         # hnswlib searches with max(ef, k); queries ask for k >= candidates, so this is a floor.
         self.index.set_ef(64)
         self.deleted: set[int] = set()
+        self.max_residual = 0.0  # largest |m_g - P m_g| ever added
+
+    def _project(self, dense: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(P m, |m - P m|) for rows of m."""
+        dense = np.asarray(dense, dtype=np.float32)
+        if self.basis is None:
+            return dense, np.zeros(len(dense), dtype=np.float32)
+        projected = dense @ self.basis
+        gap = np.einsum("nc,nc->n", dense, dense) - np.einsum("nc,nc->n", projected, projected)
+        return projected, np.sqrt(np.clip(gap, 0.0, None))
 
     def put(self, rows: np.ndarray, dense: np.ndarray, num_threads: int = 1) -> None:
         """Add or replace rows (a row freed by `remove` is reused in place)."""
         rows = np.asarray(rows, dtype=np.int64)
-        needed = int(rows.max()) + 1 if len(rows) else 0
+        if not len(rows):
+            return
+        needed = int(rows.max()) + 1
         if needed > self.index.get_max_elements():
             self.index.resize_index(max(needed, 2 * self.index.get_max_elements()))
-        reused = np.array([r in self.deleted for r in rows.tolist()], dtype=bool)
-        if reused.any():
-            # A deleted label is revived by overwriting it in place.
-            for row in rows[reused].tolist():
+        for row in rows.tolist():
+            if row in self.deleted:  # a deleted label is revived by overwriting it in place
                 self.index.unmark_deleted(row)
                 self.deleted.discard(row)
-        self.index.add_items(_lift(dense), rows, num_threads=num_threads)
+        projected, residual = self._project(dense)
+        self.max_residual = max(self.max_residual, float(residual.max()))
+        norms2 = np.einsum("nc,nc->n", projected, projected)
+        lifted = np.hstack([projected, np.sqrt(np.clip(1.0 - norms2, 0.0, None))[:, None]])
+        self.index.add_items(
+            np.ascontiguousarray(lifted, dtype=np.float32), rows, num_threads=num_threads
+        )
 
     def remove(self, row: int) -> None:
         self.index.mark_deleted(row)
@@ -81,11 +106,13 @@ class AnnIndex:
         per = self.index.dim * 4 + (2 * self.params.M + 1) * 4 + 8
         return per * self.index.get_max_elements()
 
-    def query(self, dense_query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, m_q.m_g) of the k best rows by inner product, best first."""
+    def query(self, dense_query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """(rows, Pm_q.Pm_g, slack): the k best rows by projected inner product, best first;
+        slack = |r_q| r_max bounds how far a true m_q.m_g can be above its projected value."""
+        projected, residual = self._project(dense_query[None, :])
         query = np.zeros((1, self.index.dim), dtype=np.float32)
-        query[0, :-1] = dense_query
+        query[0, :-1] = projected[0]
         labels, distances = self.index.knn_query(query, k=k, num_threads=1)
-        # squared L2 to a lifted point: |m_q|^2 + 1 - 2 m_q.m_g
+        # squared L2 to a lifted point: |P m_q|^2 + 1 - 2 Pm_q.Pm_g
         dots = (float(query[0] @ query[0]) + 1.0 - distances[0].astype(np.float64)) / 2.0
-        return labels[0].astype(np.int64), dots
+        return labels[0].astype(np.int64), dots, float(residual[0]) * self.max_residual

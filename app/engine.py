@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.ann import AnnIndex, AnnParams
+from app.ann import AnnIndex, AnnParams, pool_basis
 from app.bundle import MODALITIES, Bundle, Modality
 from app.errors import ApiError
 from app.gallery_store import GalleryStore, StoredItem
@@ -43,6 +43,8 @@ from app.retrieval import (
 log = logging.getLogger("cdpae.engine")
 
 _EMBED_CHUNK = 4096
+# The approximate path's first candidate list is at least gallery size / this (2,000 at 1M).
+_ITEMS_PER_CANDIDATE = 500
 
 
 class RWLock:
@@ -228,7 +230,8 @@ class Gallery:
     def build_ann(self, params: AnnParams) -> None:
         """Index every live row's m_g (under the write lock); seconds per 10k items."""
         started = time.perf_counter()
-        ann = AnnIndex(self.pool.dim, max(self.capacity, 16), params)
+        basis = pool_basis(self.pool.units, params.dim)
+        ann = AnnIndex(self.pool.dim, max(self.capacity, 16), params, basis)
         live = np.flatnonzero(self.alive[: self.n_rows])
         threads = max(1, min(4, os.cpu_count() or 1))
         for start in range(0, len(live), 16384):
@@ -466,10 +469,15 @@ class Engine:
         n_live = len(gallery)
         sparse = codes.weights[i] * self.bundle.pool.pair_correction[codes.neighbours[i]]
         bound = min(float(sparse.max()), float(sparse.sum()) * gallery.max_weight)
-        size = min(max(ann.params.candidates, 2 * kk), n_live)
+        # Larger galleries hold more near-equal items per neighbourhood: start wider.
+        size = min(
+            max(ann.params.candidates, 2 * kk, n_live // _ITEMS_PER_CANDIDATE),
+            n_live,
+            ann.params.max_candidates,
+        )
         while True:
             try:
-                rows, dots = ann.query(codes.dense[i], size)
+                rows, dots, slack = ann.query(codes.dense[i], size)
             except RuntimeError:
                 # hnswlib can't fill `size` results (many deleted rows): score exactly.
                 self.search_paths["exact"] += 1
@@ -479,7 +487,7 @@ class Engine:
             exact = profile_scores_rows(profile[i], gallery.neighbours[rows], gallery.weights[rows])
             order = top_k(exact, kk)[0]
             threshold = exact[order[-1]]
-            certified = 0.5 + 0.5 * float(dots.min()) + bound < threshold
+            certified = 0.5 + 0.5 * (float(dots.min()) + slack) + bound < threshold
             if certified or size >= n_live or size >= ann.params.max_candidates:
                 path = "approximate" if certified or size >= n_live else "uncertified"
                 self.search_paths[path] += 1

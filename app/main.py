@@ -50,6 +50,7 @@ def create_app(
                 ef_construction=settings.ann_ef_construction,
                 candidates=settings.ann_candidates,
                 max_candidates=settings.ann_max_candidates,
+                dim=settings.ann_dim,
             ),
             ann_min_items=settings.ann_min_items,
         )

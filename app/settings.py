@@ -45,7 +45,13 @@ class Settings(BaseSettings):
         256, ge=1, description="first candidate list size of the approximate path"
     )
     ann_max_candidates: int = Field(
-        4096, ge=1, description="candidate list cap while widening the approximate path"
+        8192, ge=1, description="candidate list cap while widening the approximate path"
+    )
+    ann_dim: int = Field(
+        128,
+        ge=0,
+        description="the approximate index holds m_g projected on this many principal "
+        "directions of the training pool (0: no projection)",
     )
     seed_default_gallery: bool = Field(
         True, description="seed an empty store from the bundle's default gallery"

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+from app.ann import AnnParams
 from app.bundle import load_bundle
 from app.engine import Engine
 from app.gallery_store import GalleryStore
@@ -83,7 +84,10 @@ def _random_text_items(n: int, rng: np.random.Generator, prefix: str = "t"):
     return ids, features, [{"category": f"c{i % 5}"} for i in range(n)]
 
 
-def test_approximate_path_matches_exact(engine):
+@pytest.mark.parametrize("projection", [0, 6])
+def test_approximate_path_matches_exact(engine, projection):
+    # projection 6: the ANN index holds m_g projected on 6 of the 12 pool directions
+    engine.ann_params = AnnParams(dim=projection)
     rng = np.random.default_rng(1)
     engine.upsert("text", *_random_text_items(3000, rng))
     for i in range(0, 3000, 7):  # deleted rows must not come back through the ANN index
