@@ -106,7 +106,10 @@ def create_app(
     app.include_router(gallery.router)
     app.include_router(health.router)
     app.add_middleware(
-        ServiceMiddleware, metrics=app.state.metrics, max_body_bytes=settings.max_body_bytes
+        ServiceMiddleware,
+        metrics=app.state.metrics,
+        max_body_bytes=settings.max_body_bytes,
+        max_inflight_body_bytes=settings.max_inflight_body_bytes,
     )
     return app
 

@@ -113,10 +113,22 @@ class _EngineCollector(Collector):
 class ServiceMiddleware:
     """Request id in/out, 413 before parsing, metrics per route template, one access log line."""
 
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: ServiceMetrics,
+        max_body_bytes: int,
+        max_inflight_body_bytes: int | None = None,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        # Bodies are read and parsed into Python objects (several times their JSON size) before
+        # a route's admission check runs, so without a cap here N large uploads hold N times
+        # that (64 bodies of 7.5 MB: 2.4 GB). Checked before reading; the event loop is single
+        # threaded, so a plain counter is safe.
+        self.max_inflight_body_bytes = max_inflight_body_bytes or 4 * max_body_bytes
+        self.inflight_body_bytes = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -139,7 +151,20 @@ class ServiceMiddleware:
                 ]
             await send(message)
 
+        reserved = 0
         try:
+            reserved = self._reserve_body(scope, headers)
+            if reserved < 0:
+                reserved = 0
+                response = error_response(
+                    503,
+                    "overloaded",
+                    "too many request body bytes in flight (CDPAE_MAX_INFLIGHT_BODY_BYTES); "
+                    "retry shortly",
+                    headers={"Retry-After": "1"},
+                )
+                await response(scope, receive, send_with_id)
+                return
             body_receive = await self._bounded_body(scope, receive, headers)
             if body_receive is None:
                 response = error_response(
@@ -152,6 +177,7 @@ class ServiceMiddleware:
             else:
                 await self.app(scope, body_receive, send_with_id)
         finally:
+            self.inflight_body_bytes -= reserved
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
@@ -162,6 +188,25 @@ class ServiceMiddleware:
             path = str(scope.get("path", "")).encode("unicode_escape").decode("ascii")
             access_log.info("%s %s %d %.1fms", method, path, status, elapsed * 1e3)
             request_id_var.reset(token)
+
+    def _reserve_body(self, scope: Scope, headers: dict[bytes, bytes]) -> int:
+        """Bytes reserved for this request's body, or -1: over the in-flight budget.
+
+        One request is always let through, so a single body of the maximum size can pass.
+        """
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return 0
+        try:
+            size = min(int(headers.get(b"content-length", b"")), self.max_body_bytes)
+        except ValueError:
+            size = self.max_body_bytes  # chunked: assume the worst
+        size = max(size, 0)
+        if self.inflight_body_bytes and self.inflight_body_bytes + size > (
+            self.max_inflight_body_bytes
+        ):
+            return -1
+        self.inflight_body_bytes += size
+        return size
 
     async def _bounded_body(
         self, scope: Scope, receive: Receive, headers: dict[bytes, bytes]

@@ -27,6 +27,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, description="request bodies above this get 413"
     )
+    max_inflight_body_bytes: int = Field(
+        32 * 1024 * 1024,
+        ge=1024,
+        description="request body bytes read and parsed at once (a body costs several times "
+        "its size once parsed); beyond it: 503 + Retry-After",
+    )
     max_batch: int = Field(256, ge=1, description="most query vectors in one search")
     max_upsert: int = Field(1000, ge=1, description="most items in one gallery upsert")
     max_top_k: int = Field(1000, ge=1, description="largest top_k a search may ask for")
