@@ -1,4 +1,4 @@
-"""Hostile-input fuzzing of the HTTP API, shared by tests/test_reliability_fuzz.py (CI, ~1,300
+"""Hostile-input fuzzing of the HTTP API, shared by tests/test_reliability_fuzz.py (CI, ~1,350
 requests) and scripts/fuzz_long.py (20,000+ requests).
 
 Two generators, both hypothesis:

@@ -1,4 +1,4 @@
-"""Hostile input: ~1,500 generated requests against every endpoint, then the fuzzer's finds as
+"""Hostile input: ~1,350 generated requests against every endpoint, then the fuzzer's finds as
 plain regression tests. The 20,000-request run is scripts/fuzz_long.py (docs/reliability.md)."""
 
 from __future__ import annotations
