@@ -43,8 +43,9 @@ from app.retrieval import (
 log = logging.getLogger("cdpae.engine")
 
 _EMBED_CHUNK = 4096
-# The approximate path's first candidate list is at least gallery size / this (2,000 at 1M).
-_ITEMS_PER_CANDIDATE = 500
+# The approximate path's first candidate list is at least gallery size / this (4,000 at 1M):
+# recall@10 on 1M Wikipedia-like items needs it (docs/service.md).
+_ITEMS_PER_CANDIDATE = 250
 
 
 class RWLock:
