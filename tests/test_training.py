@@ -113,10 +113,16 @@ def test_selection_keeps_the_best_validation_candidate(synthetic_npz):
         Candidate("tiny", replace(SMALL, common_dim=4, max_evals=1)),
         Candidate("small", SMALL),
     ]
-    selection = run_selection(ds, grid, seed=0, k_grid=(5, 10, 500))
+    selection = run_selection(ds, grid, seed=0, k_grid=(5, 10, 500), confirm_top=1)
     assert [r.candidate.name for r in selection.results] == ["tiny", "small"]
-    best = max(selection.results, key=lambda r: r.val_knn)
-    assert selection.winner is best
+    # the screening leader is trained again with a second seed and is the only finalist
+    leader = max(selection.results, key=lambda r: max(r.runs[0].knn_table.values()))
+    assert [len(r.runs) for r in selection.results].count(2) == 1
+    assert len(leader.runs) == 2 and selection.winner is leader
+    assert [run.result.seed for run in leader.runs] == [0, 1000]
+    # its scores are means over its two runs
+    k = leader.knn_k
+    assert leader.val_knn == pytest.approx(np.mean([run.knn_table[k] for run in leader.runs]))
     for r in selection.results:
         # k is capped at the pool size 2N and chosen as the best on validation
         assert sorted(r.knn_table) == [5, 10, 2 * len(ds.train)]

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         # Selection is done; the validation pairs now serve as more training data.
         # Same configuration, same number of passes as the kept state, last state kept.
         pool_split = dataset.train_and_validation()
-        passes = winner.result.best_index + 1
+        passes = winner.passes
         trained = train_cdpae(
             replace(winner.candidate.config, max_evals=passes),
             pool_split,
