@@ -30,7 +30,7 @@ import numpy as np
 class AnnParams:
     M: int = 16
     ef_construction: int = 100
-    candidates: int = 256
+    candidates: int = 1024
     max_candidates: int = 8192
     dim: int = 256  # projection size; 0 or >= C: no projection
 

@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     ann_m: int = Field(16, ge=2, description="HNSW M of the gallery's approximate index")
     ann_ef_construction: int = Field(100, ge=1, description="HNSW ef_construction")
     ann_candidates: int = Field(
-        256, ge=1, description="first candidate list size of the approximate path"
+        1024, ge=1, description="first candidate list size of the approximate path"
     )
     ann_max_candidates: int = Field(
         8192, ge=1, description="candidate list cap while widening the approximate path"
