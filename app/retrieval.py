@@ -162,7 +162,12 @@ def marginal_scores(
     gallery_dense: np.ndarray,
     gallery_sparse: sp.csr_matrix,
 ) -> np.ndarray:
-    """Exact S(q, g) for every query x gallery item, shape (Q, G), float32.
+    """Exact S(q, g) in method.md's dense + sparse form, shape (Q, G), float32.
+
+    The service and the evaluator score with the equivalent pool-profile form
+    below (query_profile / gallery_weight_matrix / profile_scores), which stores
+    8k bytes per gallery item instead of 4C; this form is kept as the documented
+    decomposition the tests check both against.
 
     gallery_dense is the (G, C) stack of m_g; gallery_sparse is
     `gallery_sparse_matrix` of the same items (columns in the same order).

@@ -18,10 +18,11 @@ from app.retrieval import (
     ItemCodes,
     TrainingPool,
     cosine_scores,
-    gallery_sparse_matrix,
+    gallery_weight_matrix,
     item_codes,
-    marginal_scores,
     mean_average_precision,
+    profile_scores,
+    query_profile,
     unit_rows,
 )
 from training.baselines import CCA
@@ -51,11 +52,17 @@ def metrics_from_scores(scores: ScorePair, labels: np.ndarray) -> dict[str, floa
 
 
 def knn_score_pair(pool: TrainingPool, image: ItemCodes, text: ItemCodes) -> ScorePair:
-    """kNN marginal similarity both ways: image queries vs text gallery and back."""
-    return (
-        marginal_scores(pool, image, text.dense, gallery_sparse_matrix(pool, text)),
-        marginal_scores(pool, text, image.dense, gallery_sparse_matrix(pool, image)),
-    )
+    """kNN marginal similarity both ways: image queries vs text gallery and back.
+
+    The same three calls as the service's exact path (app/engine.py), so the
+    evaluated numbers are the served numbers.
+    """
+
+    def served(query: ItemCodes, gallery: ItemCodes) -> np.ndarray:
+        weights = gallery_weight_matrix(pool, gallery.neighbours, gallery.weights)
+        return profile_scores(query_profile(pool, query), weights)
+
+    return served(image, text), served(text, image)
 
 
 def cosine_score_pair(image_units: np.ndarray, text_units: np.ndarray) -> ScorePair:
