@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -50,6 +49,7 @@ from app.retrieval import (  # noqa: E402
     query_profile,
     top_k,
 )
+from tests.service_helpers import free_port, serve_argv  # noqa: E402
 
 
 def fill_store(data_dir: Path, bundle_dir: Path, size: int, seed: int = 0) -> float:
@@ -95,12 +95,6 @@ def fill_store(data_dir: Path, bundle_dir: Path, size: int, seed: int = 0) -> fl
     return time.perf_counter() - started
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -115,18 +109,7 @@ def start_server(
     env = {**os.environ, **env_extra}
     log_file = log.open("w")
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "app.cli",
-            "serve",
-            "--bundle",
-            str(bundle),
-            "--data-dir",
-            str(data_dir),
-            "--port",
-            str(port),
-        ],
+        serve_argv(bundle, data_dir, port),
         stdout=log_file,
         stderr=subprocess.STDOUT,
         env=env,

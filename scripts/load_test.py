@@ -32,6 +32,10 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.service_helpers import free_port, serve_argv  # noqa: E402
+
 OTHER = {"image": "text", "text": "image"}
 
 
@@ -266,14 +270,6 @@ async def _verify(url: str, ledger: Ledger) -> tuple[int, int, list[str]]:
     return n_live, len(ledger.live) - n_live, problems
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -315,7 +311,6 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="cdpae-load-") as tmp_name:
         tmp = Path(tmp_name)
         if args.bundle is None:
-            sys.path.insert(0, str(ROOT))
             from tests.synthetic import write_synthetic_bundle
 
             bundle = write_synthetic_bundle(tmp / "bundle")
@@ -323,26 +318,13 @@ def main(argv: list[str] | None = None) -> int:
             bundle = args.bundle
         with np.load(bundle / "default_gallery.npz", allow_pickle=False) as data:
             vectors = {m: np.asarray(data[m][:1000], dtype=np.float32) for m in ("image", "text")}
-        port = _free_port()
+        port = free_port()
         env = {**os.environ, "CDPAE_LOG_LEVEL": "warning"}
         if args.max_inflight:
             env["CDPAE_MAX_INFLIGHT"] = str(args.max_inflight)
         log = (tmp / "server.log").open("wb")
         server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "app.cli",
-                "serve",
-                "--bundle",
-                str(bundle),
-                "--data-dir",
-                str(tmp / "data"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
+            serve_argv(bundle, tmp / "data", port),
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,

@@ -38,6 +38,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve_argv(bundle: Path, data_dir: Path, port: int, *extra: str) -> list[str]:
+    """The command that runs `cdpae serve` on 127.0.0.1:port in a fresh interpreter."""
+    return [
+        sys.executable, "-m", "app.cli", "serve",
+        "--bundle", str(bundle), "--data-dir", str(data_dir),
+        "--host", "127.0.0.1", "--port", str(port), *extra,
+    ]  # fmt: skip
+
+
 class Server:
     """`cdpae serve` as a real subprocess on a free 127.0.0.1 port."""
 
@@ -48,19 +57,7 @@ class Server:
         self.log = log
         self._log_file = log.open("ab")
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "app.cli",
-                "serve",
-                "--bundle",
-                str(bundle),
-                "--data-dir",
-                str(data_dir),
-                "--port",
-                str(self.port),
-                *extra,
-            ],
+            serve_argv(bundle, data_dir, self.port, *extra),
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             env=env,

@@ -7,7 +7,6 @@ import json
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 
 from app.bundle import BundleError, hnsw_file_dim, load_bundle, sha256_of
-from tests.service_helpers import free_port
+from tests.service_helpers import free_port, serve_argv
 
 
 def _manifest(bundle: Path) -> dict:
@@ -114,18 +113,7 @@ def test_every_damage_is_refused_by_the_real_command(synthetic_bundle, tmp_path)
         port = free_port()
         data = tmp_path / f"data-{name}"
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "app.cli",
-                "serve",
-                "--bundle",
-                str(bundle),
-                "--data-dir",
-                str(data),
-                "--port",
-                str(port),
-            ],
+            serve_argv(bundle, data, port),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
