@@ -36,6 +36,15 @@ def pairwise_loss(
     return (cosine_distance(h_vi, h_ti) + cosine_distance(h_vj, h_tj)).mean()
 
 
+def _distance_gap(
+    a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    """|d(a1, b1) - D| + |d(a2, b2) - D|, batch-averaged: both distance-preserving losses."""
+    gap1 = (cosine_distance(a1, b1) - target).abs()
+    gap2 = (cosine_distance(a2, b2) - target).abs()
+    return (gap1 + gap2).mean()
+
+
 def heterogeneous_loss(
     h_vi: torch.Tensor,
     h_ti: torch.Tensor,
@@ -44,9 +53,7 @@ def heterogeneous_loss(
     target: torch.Tensor,
 ) -> torch.Tensor:
     """L_het = |d(h_vi, h_tj) - D_ij| + |d(h_ti, h_vj) - D_ij|: across modalities."""
-    return (
-        (cosine_distance(h_vi, h_tj) - target).abs() + (cosine_distance(h_ti, h_vj) - target).abs()
-    ).mean()
+    return _distance_gap(h_vi, h_tj, h_ti, h_vj, target)
 
 
 def homogeneous_loss(
@@ -57,9 +64,7 @@ def homogeneous_loss(
     target: torch.Tensor,
 ) -> torch.Tensor:
     """L_hom = |d(h_vi, h_vj) - D_ij| + |d(h_ti, h_tj) - D_ij|: within a modality."""
-    return (
-        (cosine_distance(h_vi, h_vj) - target).abs() + (cosine_distance(h_ti, h_tj) - target).abs()
-    ).mean()
+    return _distance_gap(h_vi, h_vj, h_ti, h_tj, target)
 
 
 def reconstruction_loss(
