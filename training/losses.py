@@ -2,9 +2,7 @@
 
 Batch convention: row r of batch A is object i, row r of batch B is object j,
 so every row is one (i, j) pair of *different* objects. Every loss is averaged
-over the rows of the batch. Codes may carry a leading axis of ensemble members,
-(M, b, C): distances are taken over the last axis and the means run over
-members too, i.e. the members' losses are averaged.
+over the rows of the batch.
 """
 
 from __future__ import annotations
@@ -20,8 +18,8 @@ _COS_EPS = 1e-8
 
 
 def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """d(a, b) = 1 - cos(a, b), row by row: (..., n, c), (..., n, c) -> (..., n)."""
-    return 1.0 - torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=_COS_EPS)
+    """d(a, b) = 1 - cos(a, b), row by row: (n, c), (n, c) -> (n,)."""
+    return 1.0 - torch.nn.functional.cosine_similarity(a, b, dim=1, eps=_COS_EPS)
 
 
 def target_distance(
@@ -74,7 +72,7 @@ def reconstruction_loss(
 ) -> torch.Tensor:
     """L_rec = sum of Euclidean (not squared) distances to the clean inputs, batch-averaged."""
     return sum(
-        torch.linalg.vector_norm(r - t, dim=-1).mean()
+        torch.linalg.vector_norm(r - t, dim=1).mean()
         for r, t in zip(reconstructions, targets, strict=True)
     )
 

@@ -55,8 +55,6 @@ class TrainConfig:
     # z-scoring), "raw" = the features as stored in the data set.
     target_space: str = "input"
     weight_decay: float = 0.0  # declared but never applied in the reference: 0 there
-    # Independent CDPAEs trained side by side; their codes are concatenated (model.py).
-    members: int = 1
     eval_passes: float = 10.0  # passes over the data between validation evaluations
     patience: int = 3
     max_evals: int = 60
@@ -100,9 +98,10 @@ class TrainResult:
         """Common-space embeddings of raw features (exactly one of image / text)."""
         self.model.eval()
         if image is not None:
-            return self.model.embed_image(torch.from_numpy(self.image_std(image))).numpy()
+            x = torch.from_numpy(self.image_std(image))
+            return self.model.image_encoder(x).numpy()
         assert text is not None
-        return self.model.embed_text(torch.from_numpy(self.text_std(text))).numpy()
+        return self.model.text_encoder(torch.from_numpy(self.text_std(text))).numpy()
 
     def train_embeddings(self, train: Split) -> np.ndarray:
         """The 2N pool: N image embeddings, then the N text embeddings."""
@@ -120,18 +119,15 @@ def cosine_map(
     )
 
 
-def _zero_columns(
-    x: torch.Tensor, fraction: float, members: int, generator: torch.Generator
-) -> torch.Tensor:
-    """(n, d) -> (members, n, d): per member, round(fraction * d) random columns set to 0."""
+def _zero_columns(x: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """Set round(fraction * d) randomly chosen columns to 0, the rest unchanged."""
     d = x.shape[1]
-    out = x.unsqueeze(0).repeat(members, 1, 1)
     n_zero = min(d - 1, round(fraction * d)) if d > 1 else 0
     if n_zero <= 0:
-        return out
-    for member in range(members):
-        columns = torch.randperm(d, generator=generator)[:n_zero]
-        out[member, :, columns] = 0.0
+        return x
+    columns = torch.randperm(d, generator=generator)[:n_zero]
+    out = x.clone()
+    out[:, columns] = 0.0
     return out
 
 
@@ -171,7 +167,7 @@ def train_cdpae(
     val_images = torch.from_numpy(image_std(validation.image))
     val_texts = torch.from_numpy(text_std(validation.text))
 
-    model = CDPAE(images.shape[1], texts.shape[1], config.common_dim, config.hidden, config.members)
+    model = CDPAE(images.shape[1], texts.shape[1], config.common_dim, config.hidden)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
     n = len(train)
@@ -208,7 +204,7 @@ def train_cdpae(
         if step % eval_every == 0:
             model.eval()
             with torch.no_grad():
-                h_v, h_t = model.embed_image(val_images), model.embed_text(val_texts)
+                h_v, h_t = model.encode(val_images, val_texts)
             model.train()
             i2t, t2i = cosine_map(unit_rows(h_v.numpy()), unit_rows(h_t.numpy()), validation.labels)
             point = EvalPoint(
@@ -252,20 +248,20 @@ def _step(
 ) -> dict[str, float]:
     images, texts = inputs
     v_i, t_i, v_j, t_j = images[i_rows], texts[i_rows], images[j_rows], texts[j_rows]
-    # One random column subset per modality per step (per member), shared by objects i and j.
-    both_v = _zero_columns(torch.cat([v_i, v_j]), config.p_image, config.members, generator)
-    both_t = _zero_columns(torch.cat([t_i, t_j]), config.p_text, config.members, generator)
-    h_v, h_t = model.encode_members(both_v, both_t)  # (M, 2b, C)
-    r_v, r_t = model.decode_members(h_v, h_t)
+    # One random column subset per modality per step, shared by objects i and j.
+    both_v = _zero_columns(torch.cat([v_i, v_j]), config.p_image, generator)
+    both_t = _zero_columns(torch.cat([t_i, t_j]), config.p_text, generator)
+    h_v, h_t = model.encode(both_v, both_t)
+    r_v, r_t = model.decode(h_v, h_t)
     b = v_i.shape[0]
-    h_vi, h_vj, h_ti, h_tj = h_v[:, :b], h_v[:, b:], h_t[:, :b], h_t[:, b:]
+    h_vi, h_vj, h_ti, h_tj = h_v[:b], h_v[b:], h_t[:b], h_t[b:]
     raw_v, raw_t = target_inputs
     target = target_distance(raw_v[i_rows], raw_t[i_rows], raw_v[j_rows], raw_t[j_rows])
     terms = joint_loss(
         pairwise_loss(h_vi, h_ti, h_vj, h_tj),
         heterogeneous_loss(h_vi, h_ti, h_vj, h_tj, target),
         homogeneous_loss(h_vi, h_ti, h_vj, h_tj, target),
-        reconstruction_loss([r_v[:, :b], r_t[:, :b], r_v[:, b:], r_t[:, b:]], [v_i, t_i, v_j, t_j]),
+        reconstruction_loss([r_v[:b], r_t[:b], r_v[b:], r_t[b:]], [v_i, t_i, v_j, t_j]),
         config.w1,
         config.w2,
     )
