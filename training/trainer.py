@@ -55,9 +55,6 @@ class TrainConfig:
     # z-scoring), "raw" = the features as stored in the data set.
     target_space: str = "input"
     weight_decay: float = 0.0  # declared but never applied in the reference: 0 there
-    # "matched": row r of batch i against row r of batch j (the reference);
-    # "all": every object of batch i against every object of batch j (b^2 pairs).
-    pairs: str = "matched"
     eval_passes: float = 10.0  # passes over the data between validation evaluations
     patience: int = 3
     max_evals: int = 60
@@ -259,18 +256,11 @@ def _step(
     b = v_i.shape[0]
     h_vi, h_vj, h_ti, h_tj = h_v[:b], h_v[b:], h_t[:b], h_t[b:]
     raw_v, raw_t = target_inputs
-    if config.pairs == "all":
-        het, hom = _all_pairs_losses(
-            h_vi, h_ti, h_vj, h_tj, raw_v[i_rows], raw_t[i_rows], raw_v[j_rows], raw_t[j_rows]
-        )
-    else:
-        target = target_distance(raw_v[i_rows], raw_t[i_rows], raw_v[j_rows], raw_t[j_rows])
-        het = heterogeneous_loss(h_vi, h_ti, h_vj, h_tj, target)
-        hom = homogeneous_loss(h_vi, h_ti, h_vj, h_tj, target)
+    target = target_distance(raw_v[i_rows], raw_t[i_rows], raw_v[j_rows], raw_t[j_rows])
     terms = joint_loss(
         pairwise_loss(h_vi, h_ti, h_vj, h_tj),
-        het,
-        hom,
+        heterogeneous_loss(h_vi, h_ti, h_vj, h_tj, target),
+        homogeneous_loss(h_vi, h_ti, h_vj, h_tj, target),
         reconstruction_loss([r_v[:b], r_t[:b], r_v[b:], r_t[b:]], [v_i, t_i, v_j, t_j]),
         config.w1,
         config.w2,
@@ -279,30 +269,3 @@ def _step(
     terms.total.backward()
     optimiser.step()
     return terms.as_floats()
-
-
-def _cos_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    an = torch.nn.functional.normalize(a, dim=1, eps=1e-8)
-    bn = torch.nn.functional.normalize(b, dim=1, eps=1e-8)
-    return an @ bn.T
-
-
-def _all_pairs_losses(
-    h_vi: torch.Tensor,
-    h_ti: torch.Tensor,
-    h_vj: torch.Tensor,
-    h_tj: torch.Tensor,
-    v_i: torch.Tensor,
-    t_i: torch.Tensor,
-    v_j: torch.Tensor,
-    t_j: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """L_het and L_hom over every (i, j) of the two batches (b x b pairs), not row r with row r."""
-    target = torch.sqrt((1 - _cos_matrix(v_i, v_j)) * (1 - _cos_matrix(t_i, t_j)) + 1e-5)
-
-    def gap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return (1 - _cos_matrix(a, b) - target).abs()
-
-    het = (gap(h_vi, h_tj) + gap(h_ti, h_vj)).mean()
-    hom = (gap(h_vi, h_vj) + gap(h_ti, h_tj)).mean()
-    return het, hom
