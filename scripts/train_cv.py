@@ -21,9 +21,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from app.retrieval import TrainingPool, unit_rows
-from training.data import _carve_validation, load_dataset
-from training.evaluate import cca_rows, metrics_from_scores, sweep_knn_k
+from training.data import carve_validation, load_dataset
+from training.evaluate import cca_rows, metrics_from_scores
+from training.selection import validation_knn_table
 from training.trainer import TrainConfig, train_cdpae
 
 K_GRID = (10, 20, 50, 100, 200, 500)
@@ -39,7 +39,7 @@ def main() -> int:
     pairs = load_dataset(args.data).train_and_validation()
     if args.log_text:
         pairs = replace(pairs, text=np.log(pairs.text).astype(np.float32))
-    folds = [_carve_validation(pairs, 0.2, seed=1 + fold) for fold in range(args.folds)]
+    folds = [carve_validation(pairs, 0.2, seed=1 + fold) for fold in range(args.folds)]
     cca = []
     for train, validation in folds:
         scores, _, _ = cca_rows(train, validation, validation)
@@ -56,15 +56,7 @@ def main() -> int:
         for fold, (train, validation) in enumerate(folds):
             run = train_cdpae(config, train, validation, seed=fold)
             cosine.append(run.best.val_mean)
-            tables.append(
-                sweep_knn_k(
-                    TrainingPool(unit_rows(run.train_embeddings(train))),
-                    unit_rows(run.embed(image=validation.image)),
-                    unit_rows(run.embed(text=validation.text)),
-                    validation.labels,
-                    K_GRID,
-                )
-            )
+            tables.append(validation_knn_table(run, train, validation, K_GRID))
         by_k = {k: np.array([t[k] for t in tables]) for k in tables[0]}
         k = max(by_k, key=lambda k: by_k[k].mean())
         sem = by_k[k].std(ddof=1) / np.sqrt(len(tables))

@@ -21,13 +21,12 @@ from dataclasses import replace
 
 import numpy as np
 
-from app.retrieval import TrainingPool, item_codes, unit_rows
+from app.retrieval import TrainingPool, unit_rows
 from training.data import Split, load_dataset
 from training.evaluate import (
     best_k,
     cca_rows,
-    cosine_score_pair,
-    knn_score_pair,
+    knn_and_cosine_map50,
     metrics_from_scores,
     sweep_knn_k,
 )
@@ -50,11 +49,7 @@ def scores_at(
     pool = TrainingPool(unit_rows(pool_rows))
     image, text, _ = embed(members, query)
     ti, tt = unit_rows(image), unit_rows(text)
-    ci = item_codes(pool, *pool.exact_neighbours(ti, k))
-    ct = item_codes(pool, *pool.exact_neighbours(tt, k))
-    knn = metrics_from_scores(knn_score_pair(pool, ci, ct), query.labels)["mean_map50"]
-    cos = metrics_from_scores(cosine_score_pair(ti, tt), query.labels)["mean_map50"]
-    return knn, cos
+    return knn_and_cosine_map50(pool, ti, tt, query.labels, k)
 
 
 def main() -> int:

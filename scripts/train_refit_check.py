@@ -17,16 +17,15 @@ import json
 import sys
 from dataclasses import replace
 
-from app.retrieval import TrainingPool, item_codes, unit_rows
+from app.retrieval import TrainingPool, unit_rows
 from training.data import Dataset, Split, load_dataset
 from training.evaluate import (
     best_k,
     cca_rows,
-    cosine_score_pair,
-    knn_score_pair,
+    knn_and_cosine_map50,
     metrics_from_scores,
-    sweep_knn_k,
 )
+from training.selection import validation_knn_table
 from training.trainer import TrainConfig, TrainResult, train_cdpae
 
 
@@ -34,11 +33,7 @@ def test_map50(ds: Dataset, trained: TrainResult, train: Split, k: int) -> tuple
     pool = TrainingPool(unit_rows(trained.train_embeddings(train)))
     ti = unit_rows(trained.embed(image=ds.test.image))
     tt = unit_rows(trained.embed(text=ds.test.text))
-    ci = item_codes(pool, *pool.exact_neighbours(ti, k))
-    ct = item_codes(pool, *pool.exact_neighbours(tt, k))
-    knn = metrics_from_scores(knn_score_pair(pool, ci, ct), ds.test.labels)["mean_map50"]
-    cos = metrics_from_scores(cosine_score_pair(ti, tt), ds.test.labels)["mean_map50"]
-    return knn, cos
+    return knn_and_cosine_map50(pool, ti, tt, ds.test.labels, k)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,13 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     print("CCA on train+validation:", metrics_from_scores(scores["cca"], ds.test.labels))
     for seed in (0, 1, 2):
         r = train_cdpae(config, ds.train, ds.validation, seed=seed)
-        table = sweep_knn_k(
-            TrainingPool(unit_rows(r.train_embeddings(ds.train))),
-            unit_rows(r.embed(image=ds.validation.image)),
-            unit_rows(r.embed(text=ds.validation.text)),
-            ds.validation.labels,
-            (10, 20, 50, 100, 200, 500),
-        )
+        table = validation_knn_table(r, ds.train, ds.validation, (10, 20, 50, 100, 200, 500))
         k = best_k(table)
         before = test_map50(ds, r, ds.train, k)
         refit = train_cdpae(

@@ -15,15 +15,10 @@ import json
 import sys
 import time
 
-from app.retrieval import TrainingPool, item_codes, unit_rows
+from app.retrieval import TrainingPool, unit_rows
 from training.data import load_dataset
-from training.evaluate import (
-    best_k,
-    cosine_score_pair,
-    knn_score_pair,
-    metrics_from_scores,
-    sweep_knn_k,
-)
+from training.evaluate import best_k, knn_and_cosine_map50
+from training.selection import validation_knn_table
 from training.trainer import TrainConfig, train_cdpae
 
 K_GRID = (10, 20, 50, 100, 200, 500)
@@ -41,24 +36,15 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             r = train_cdpae(TrainConfig(**fields), ds.train, ds.validation, seed=seed)
             seconds = time.perf_counter() - start
-            pool = TrainingPool(unit_rows(r.train_embeddings(ds.train)))
-            table = sweep_knn_k(
-                pool,
-                unit_rows(r.embed(image=ds.validation.image)),
-                unit_rows(r.embed(text=ds.validation.text)),
-                ds.validation.labels,
-                K_GRID,
-            )
+            table = validation_knn_table(r, ds.train, ds.validation, K_GRID)
             k = best_k(table)
+            pool = TrainingPool(unit_rows(r.train_embeddings(ds.train)))
             ti, tt = unit_rows(r.embed(image=ds.test.image)), unit_rows(r.embed(text=ds.test.text))
-            ci = item_codes(pool, *pool.exact_neighbours(ti, k))
-            ct = item_codes(pool, *pool.exact_neighbours(tt, k))
-            test_knn = metrics_from_scores(knn_score_pair(pool, ci, ct), ds.test.labels)
-            test_cos = metrics_from_scores(cosine_score_pair(ti, tt), ds.test.labels)
+            test_knn, test_cos = knn_and_cosine_map50(pool, ti, tt, ds.test.labels, k)
             print(
                 f"{spec} s{seed} {seconds:.0f}s steps={r.steps} val_cos={r.best.val_mean:.4f} "
-                f"val_knn={table[k]:.4f}@{k} | test knn={test_knn['mean_map50']:.4f} "
-                f"cos={test_cos['mean_map50']:.4f}",
+                f"val_knn={table[k]:.4f}@{k} | test knn={test_knn:.4f} "
+                f"cos={test_cos:.4f}",
                 flush=True,
             )
     return 0

@@ -124,7 +124,7 @@ def load_dataset(
         validation = _read_split(arrays, "val", path, require_labels)
         _check_same_dims(train, validation, "validation", path)
     else:
-        train, validation = _carve_validation(train, validation_fraction, validation_seed)
+        train, validation = carve_validation(train, validation_fraction, validation_seed)
 
     n_classes = (
         int(max(s.labels.max() for s in (train, validation, test) if s.labels is not None) + 1)
@@ -207,7 +207,7 @@ def _read_split(
     )
 
 
-def _carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+def carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     rng = np.random.default_rng(seed)
     n = len(train)
     if n < 4:

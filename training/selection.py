@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from app.retrieval import TrainingPool, unit_rows
-from training.data import Dataset
+from training.data import Dataset, Split
 from training.evaluate import K_GRID, best_k, sweep_knn_k
 from training.trainer import TrainConfig, TrainResult, train_cdpae
 
@@ -197,13 +197,19 @@ def _run(
         progress=progress,
         description=f"{candidate.name} seed {seed}",
     )
-    assert dataset.validation.labels is not None
-    pool = TrainingPool(unit_rows(trained.train_embeddings(dataset.train)))
-    table = sweep_knn_k(
-        pool,
-        unit_rows(trained.embed(image=dataset.validation.image)),
-        unit_rows(trained.embed(text=dataset.validation.text)),
-        dataset.validation.labels,
+    table = validation_knn_table(trained, dataset.train, dataset.validation, k_grid)
+    return Run(trained, table, time.perf_counter() - start)
+
+
+def validation_knn_table(
+    trained: TrainResult, train: Split, validation: Split, k_grid: Sequence[int] = K_GRID
+) -> dict[int, float]:
+    """k -> validation mean MAP@50 of the kNN similarity, pool = the model's training pairs."""
+    assert validation.labels is not None
+    return sweep_knn_k(
+        TrainingPool(unit_rows(trained.train_embeddings(train))),
+        unit_rows(trained.embed(image=validation.image)),
+        unit_rows(trained.embed(text=validation.text)),
+        validation.labels,
         k_grid,
     )
-    return Run(trained, table, time.perf_counter() - start)
