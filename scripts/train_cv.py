@@ -21,12 +21,34 @@ from dataclasses import replace
 
 import numpy as np
 
-from training.data import carve_validation, load_dataset
+from training.data import Split, carve_validation, load_dataset
 from training.evaluate import cca_rows, metrics_from_scores
 from training.selection import validation_knn_table
 from training.trainer import TrainConfig, train_cdpae
 
 K_GRID = (10, 20, 50, 100, 200, 500)
+
+
+def _whitener(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, projection) of PCA whitening with a small ridge (rank-deficient inputs)."""
+    mean = x.mean(axis=0)
+    cov = np.cov(x - mean, rowvar=False)
+    values, vectors = np.linalg.eigh(cov + 1e-3 * np.trace(cov) / len(cov) * np.eye(len(cov)))
+    return mean, vectors / np.sqrt(values)
+
+
+def _whiten(train: Split, validation: Split, which: str) -> tuple[Split, Split]:
+    out = []
+    for part in (train, validation):
+        image, text = part.image, part.text
+        if which in ("image", "both"):
+            mean, proj = _whitener(train.image)
+            image = ((image - mean) @ proj).astype(np.float32)
+        if which in ("text", "both"):
+            mean, proj = _whitener(train.text)
+            text = ((text - mean) @ proj).astype(np.float32)
+        out.append(replace(part, image=image, text=text))
+    return out[0], out[1]
 
 
 def main() -> int:
@@ -35,11 +57,18 @@ def main() -> int:
     parser.add_argument("configs", nargs="+")
     parser.add_argument("--folds", type=int, default=6)
     parser.add_argument("--log-text", action="store_true", help="log of the text features")
+    parser.add_argument(
+        "--whiten",
+        choices=["image", "text", "both"],
+        help="PCA-whiten these features (fitted on each split's training part) before training",
+    )
     args = parser.parse_args()
     pairs = load_dataset(args.data).train_and_validation()
     if args.log_text:
         pairs = replace(pairs, text=np.log(pairs.text).astype(np.float32))
     folds = [carve_validation(pairs, 0.2, seed=1 + fold) for fold in range(args.folds)]
+    if args.whiten:
+        folds = [_whiten(train, validation, args.whiten) for train, validation in folds]
     cca = []
     for train, validation in folds:
         scores, _, _ = cca_rows(train, validation, validation)
