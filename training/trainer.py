@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from app.retrieval import cosine_scores, mean_average_precision, unit_rows
@@ -56,9 +55,6 @@ class TrainConfig:
     # z-scoring), "raw" = the features as stored in the data set.
     target_space: str = "input"
     weight_decay: float = 0.0  # declared but never applied in the reference: 0 there
-    # Exponential moving average of the weights (decay per step; 0 = off, the reference):
-    # validation scores, the kept state and the refit's final state are the averaged weights.
-    ema_decay: float = 0.0
     eval_passes: float = 10.0  # passes over the data between validation evaluations
     patience: int = 3
     max_evals: int = 60
@@ -173,13 +169,6 @@ def train_cdpae(
 
     model = CDPAE(images.shape[1], texts.shape[1], config.common_dim, config.hidden)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    averaged = (
-        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay))
-        if config.ema_decay > 0
-        else None
-    )
-    # The weights that are scored and kept: the running average when there is one.
-    scored: CDPAE = averaged.module if averaged is not None else model  # type: ignore[assignment]
 
     n = len(train)
     batch = max(1, min(config.batch_size, n // 2))
@@ -208,16 +197,14 @@ def train_cdpae(
             j_rows,
             generator,
         )
-        if averaged is not None:
-            averaged.update_parameters(model)
         for key, value in terms.items():
             sums[key] = sums.get(key, 0.0) + value
         bar.update(1)
 
         if step % eval_every == 0:
-            scored.eval()
+            model.eval()
             with torch.no_grad():
-                h_v, h_t = scored.encode(val_images, val_texts)
+                h_v, h_t = model.encode(val_images, val_texts)
             model.train()
             i2t, t2i = cosine_map(unit_rows(h_v.numpy()), unit_rows(h_t.numpy()), validation.labels)
             point = EvalPoint(
@@ -232,7 +219,7 @@ def train_cdpae(
             bar.set_postfix(val_map50=f"{point.val_mean:.3f}")
             if point.val_mean > best_score:
                 best_score, since_best = point.val_mean, 0
-                best_state = copy.deepcopy(scored.state_dict())
+                best_state = copy.deepcopy(model.state_dict())
                 result.best_index = len(result.history) - 1
             else:
                 since_best += 1
@@ -245,8 +232,6 @@ def train_cdpae(
     result.steps = step
     if best_state is not None:
         model.load_state_dict(best_state)
-    elif averaged is not None:
-        model.load_state_dict(scored.state_dict())  # the refit: the final averaged weights
     model.eval()
     return result
 
