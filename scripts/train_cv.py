@@ -51,6 +51,12 @@ def _whiten(train: Split, validation: Split, which: str) -> tuple[Split, Split]:
     return out[0], out[1]
 
 
+def _sample(split: Split, fraction: float, seed: int) -> Split:
+    rng = np.random.default_rng(1000 + seed)
+    rows = rng.choice(len(split), size=round(fraction * len(split)), replace=False)
+    return split.subset(np.sort(rows))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("data")
@@ -62,11 +68,22 @@ def main() -> int:
         choices=["image", "text", "both"],
         help="PCA-whiten these features (fitted on each split's training part) before training",
     )
+    parser.add_argument(
+        "--train-fraction",
+        type=float,
+        default=1.0,
+        help="train (CDPAE and CCA) on this random fraction of each split's training part",
+    )
     args = parser.parse_args()
     pairs = load_dataset(args.data).train_and_validation()
     if args.log_text:
         pairs = replace(pairs, text=np.log(pairs.text).astype(np.float32))
     folds = [carve_validation(pairs, 0.2, seed=1 + fold) for fold in range(args.folds)]
+    if args.train_fraction < 1.0:
+        folds = [
+            (_sample(train, args.train_fraction, fold), val)
+            for fold, (train, val) in enumerate(folds)
+        ]
     if args.whiten:
         folds = [_whiten(train, validation, args.whiten) for train, validation in folds]
     cca = []
