@@ -82,14 +82,19 @@ def test_evaluate_json_equals_the_numbers_recorded_at_training(
     assert result["metrics"]["cdpae_knn"]["mean_map50"] > 0.5
 
 
-def test_onnx_equals_torch_at_batch_1_2_64(synthetic_npz):
+@pytest.mark.parametrize("cca_inputs", [False, True])
+def test_onnx_equals_torch_at_batch_1_2_64(synthetic_npz, cca_inputs):
+    # With cca_inputs the canonical directions are folded into the first layer at export.
     ds = load_dataset(synthetic_npz)
-    trained = train_cdpae(SMALL, ds.train, ds.validation, seed=0)
-    for modality, std, encoder, raw in (
-        ("image", trained.image_std, trained.model.image_encoder, ds.test.image),
-        ("text", trained.text_std, trained.model.text_encoder, ds.test.text),
+    config = replace(SMALL, cca_inputs=cca_inputs, zscore_text=cca_inputs)
+    trained = train_cdpae(config, ds.train, ds.validation, seed=0)
+    if cca_inputs:
+        assert trained.image_input(ds.test.image).shape[1] > ds.test.image.shape[1]
+    for modality, preprocessor, encoder, raw in (
+        ("image", trained.image_input, trained.model.image_encoder, ds.test.image),
+        ("text", trained.text_input, trained.model.text_encoder, ds.test.text),
     ):
-        weights = encoder_weights(encoder, std.mean, std.scale)
+        weights = encoder_weights(encoder, preprocessor)
 
         def torch_forward(x, modality=modality):
             return trained.embed(**{modality: x})

@@ -26,11 +26,13 @@ class _Side:
     pca: np.ndarray | None  # (d, PCA_DIM) or None
     projection: np.ndarray  # (d' , n_components)
 
+    @property
+    def linear_map(self) -> np.ndarray:
+        """(d, n_components): transform(x) == (x - mean) @ linear_map."""
+        return self.projection if self.pca is None else self.pca @ self.projection
+
     def transform(self, x: np.ndarray) -> np.ndarray:
-        centred = np.asarray(x, dtype=np.float64) - self.mean
-        if self.pca is not None:
-            centred = centred @ self.pca
-        return centred @ self.projection
+        return (np.asarray(x, dtype=np.float64) - self.mean) @ self.linear_map
 
 
 def _pca_basis(centred: np.ndarray, dim: int) -> np.ndarray:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from training.export import EncoderWeights
+from training.preprocess import Preprocessor
 
 
 def _encoder(d_in: int, hidden: tuple[int, ...], common_dim: int) -> nn.Sequential:
@@ -44,18 +45,31 @@ class CDPAE(nn.Module):
         return self.image_decoder(h_image), self.text_decoder(h_text)
 
 
-def encoder_weights(encoder: nn.Sequential, mean: np.ndarray, scale: np.ndarray) -> EncoderWeights:
-    """A trained torch encoder plus its z-scoring statistics, as export.EncoderWeights."""
+def encoder_weights(encoder: nn.Sequential, preprocessor: Preprocessor) -> EncoderWeights:
+    """A trained torch encoder plus its preprocessing, as export.EncoderWeights.
+
+    Appended canonical coordinates are folded into the first layer: with
+    W = [W_z, W_c] over the input [z, (z - centre) @ D],
+    W [z, (z - centre) @ D] + b = (W_z + W_c D^T) z + (b - W_c D^T centre).
+    """
     layers = [
         (
-            module.weight.detach().cpu().numpy().astype(np.float32),
-            module.bias.detach().cpu().numpy().astype(np.float32),
+            module.weight.detach().cpu().numpy().astype(np.float64),
+            module.bias.detach().cpu().numpy().astype(np.float64),
         )
         for module in encoder
         if isinstance(module, nn.Linear)
     ]
+    if preprocessor.directions is not None and preprocessor.centre is not None:
+        weight, bias = layers[0]
+        d = preprocessor.mean.shape[0]
+        folded = weight[:, d:] @ preprocessor.directions.T.astype(np.float64)
+        layers[0] = (
+            weight[:, :d] + folded,
+            bias - folded @ preprocessor.centre.astype(np.float64),
+        )
     return EncoderWeights(
-        mean=np.asarray(mean, dtype=np.float32),
-        scale=np.asarray(scale, dtype=np.float32),
-        layers=layers,
+        mean=np.asarray(preprocessor.mean, dtype=np.float32),
+        scale=np.asarray(preprocessor.scale, dtype=np.float32),
+        layers=[(w.astype(np.float32), b.astype(np.float32)) for w, b in layers],
     )

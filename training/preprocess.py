@@ -1,24 +1,35 @@
-"""Per-modality z-scoring fitted on the training split (sklearn StandardScaler's rule).
+"""What the encoders see: per-modality z-scoring, optionally with canonical directions appended.
 
-The statistics become part of the exported encoder (the ONNX graph subtracts
-`mean` and divides by `scale`), so served encoders take raw features. Where a
-modality is not z-scored the statistics are the identity (mean 0, scale 1).
+z-scoring uses statistics fitted on the training split (sklearn StandardScaler's
+rule); where a modality is not z-scored the statistics are the identity (mean 0,
+scale 1). With `TrainConfig.cca_inputs` the encoder input is `[z, (z - centre) @
+directions]`: the z-scored features followed by their projection on the CCA
+directions fitted on the same training pairs (no labels). Both parts are linear
+in the raw features, so a single `tanh(W x + a)` layer on top is still a single
+such layer on the raw features: export folds the directions into W
+(model.encoder_weights) and the served ONNX graph keeps its form. What changes
+is training: the target distances D_ij and the denoising see the canonical
+coordinates too (docs/training.md, "CCA directions as inputs").
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from training.baselines import CCA
+
 
 @dataclass(frozen=True)
-class Standardizer:
+class Preprocessor:
     mean: np.ndarray  # (d,) float32
     scale: np.ndarray  # (d,) float32, never 0
+    centre: np.ndarray | None = None  # (d,) float32: subtracted from z before `directions`
+    directions: np.ndarray | None = None  # (d, p) float32: appended coordinates (z - centre) @ D
 
     @classmethod
-    def fit(cls, x: np.ndarray, enabled: bool = True) -> Standardizer:
+    def fit(cls, x: np.ndarray, enabled: bool = True) -> Preprocessor:
         d = x.shape[1]
         if not enabled:
             return cls(np.zeros(d, dtype=np.float32), np.ones(d, dtype=np.float32))
@@ -28,5 +39,30 @@ class Standardizer:
         std[std < 1e-12] = 1.0
         return cls(x64.mean(axis=0).astype(np.float32), std.astype(np.float32))
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def zscore(self, x: np.ndarray) -> np.ndarray:
         return ((np.asarray(x, dtype=np.float32) - self.mean) / self.scale).astype(np.float32)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        z = self.zscore(x)
+        if self.directions is None or self.centre is None:
+            return z
+        return np.hstack([z, (z - self.centre) @ self.directions]).astype(np.float32)
+
+
+def with_canonical_directions(
+    image: Preprocessor, text: Preprocessor, train_image: np.ndarray, train_text: np.ndarray
+) -> tuple[Preprocessor, Preprocessor]:
+    """Both preprocessors with the CCA directions of the z-scored training pairs appended."""
+    cca = CCA.fit(image.zscore(train_image), text.zscore(train_text))
+    return (
+        replace(
+            image,
+            centre=cca.image.mean.astype(np.float32),
+            directions=cca.image.linear_map.astype(np.float32),
+        ),
+        replace(
+            text,
+            centre=cca.text.mean.astype(np.float32),
+            directions=cca.text.linear_map.astype(np.float32),
+        ),
+    )

@@ -93,12 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         timings["refit_s"] = round(time.perf_counter() - started - timings["selection_s"], 2)
 
-    image_encoder = encoder_weights(
-        trained.model.image_encoder, trained.image_std.mean, trained.image_std.scale
-    )
-    text_encoder = encoder_weights(
-        trained.model.text_encoder, trained.text_std.mean, trained.text_std.scale
-    )
+    image_encoder = encoder_weights(trained.model.image_encoder, trained.image_input)
+    text_encoder = encoder_weights(trained.model.text_encoder, trained.text_input)
     onnx_diff = {
         "image": onnx_max_difference(
             image_encoder, lambda x: trained.embed(image=x), dataset.validation.image

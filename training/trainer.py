@@ -30,7 +30,7 @@ from training.losses import (
     target_distance,
 )
 from training.model import CDPAE
-from training.preprocess import Standardizer
+from training.preprocess import Preprocessor, with_canonical_directions
 
 # One thread: on a shared 2-core machine OpenMP barriers between two threads
 # cost far more than they save (0.3 s per tiny step measured under load, vs ms).
@@ -51,6 +51,9 @@ class TrainConfig:
     p_text: float = 0.7
     zscore_image: bool = True
     zscore_text: bool = False
+    # Append each side's CCA coordinates (fitted on the training pairs) to the encoder input:
+    # the same function class after export, other targets and gradients (preprocess.py).
+    cca_inputs: bool = False
     # Where D_ij is measured: "input" = the features the encoders see (after any
     # z-scoring), "raw" = the features as stored in the data set.
     target_space: str = "input"
@@ -83,8 +86,8 @@ class TrainResult:
     config: TrainConfig
     seed: int
     model: CDPAE  # the best state on validation
-    image_std: Standardizer
-    text_std: Standardizer
+    image_input: Preprocessor
+    text_input: Preprocessor
     history: list[EvalPoint] = field(default_factory=list)
     best_index: int = -1
     steps: int = 0
@@ -98,10 +101,10 @@ class TrainResult:
         """Common-space embeddings of raw features (exactly one of image / text)."""
         self.model.eval()
         if image is not None:
-            x = torch.from_numpy(self.image_std(image))
+            x = torch.from_numpy(self.image_input(image))
             return self.model.image_encoder(x).numpy()
         assert text is not None
-        return self.model.text_encoder(torch.from_numpy(self.text_std(text))).numpy()
+        return self.model.text_encoder(torch.from_numpy(self.text_input(text))).numpy()
 
     def train_embeddings(self, train: Split) -> np.ndarray:
         """The 2N pool: N image embeddings, then the N text embeddings."""
@@ -154,18 +157,22 @@ def train_cdpae(
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
 
-    image_std = Standardizer.fit(train.image, config.zscore_image)
-    text_std = Standardizer.fit(train.text, config.zscore_text)
-    images = torch.from_numpy(image_std(train.image))
-    texts = torch.from_numpy(text_std(train.text))
+    image_input = Preprocessor.fit(train.image, config.zscore_image)
+    text_input = Preprocessor.fit(train.text, config.zscore_text)
+    if config.cca_inputs:
+        image_input, text_input = with_canonical_directions(
+            image_input, text_input, train.image, train.text
+        )
+    images = torch.from_numpy(image_input(train.image))
+    texts = torch.from_numpy(text_input(train.text))
     if config.target_space == "raw":
         target_images, target_texts = torch.from_numpy(train.image), torch.from_numpy(train.text)
     elif config.target_space == "input":
         target_images, target_texts = images, texts
     else:
         raise ValueError(f"target_space must be 'input' or 'raw', got {config.target_space!r}")
-    val_images = torch.from_numpy(image_std(validation.image))
-    val_texts = torch.from_numpy(text_std(validation.text))
+    val_images = torch.from_numpy(image_input(validation.image))
+    val_texts = torch.from_numpy(text_input(validation.text))
 
     model = CDPAE(images.shape[1], texts.shape[1], config.common_dim, config.hidden)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -176,7 +183,7 @@ def train_cdpae(
     eval_every = max(1, round(config.eval_passes * n / (2 * batch)))
     max_steps = eval_every * config.max_evals
 
-    result = TrainResult(config, seed, model, image_std, text_std)
+    result = TrainResult(config, seed, model, image_input, text_input)
     best_score, best_state, since_best = -math.inf, None, 0
     sums: dict[str, float] = {}
     order = rng.permutation(n)
