@@ -15,6 +15,7 @@ from training.evaluate import evaluate, metrics_from_scores
 from training.evaluate_cli import main as evaluate_main
 from training.export import onnx_max_difference
 from training.model import encoder_weights
+from training.preprocess import Preprocessor, with_canonical_directions
 from training.selection import Candidate, run_selection
 from training.train_cli import main as train_main
 from training.trainer import TrainConfig, train_cdpae
@@ -100,6 +101,29 @@ def test_onnx_equals_torch_at_batch_1_2_64(synthetic_npz, cca_inputs):
             return trained.embed(**{modality: x})
 
         assert onnx_max_difference(weights, torch_forward, raw, (1, 2, 64)) <= 1e-5
+
+
+def test_cca_inputs_append_the_canonical_coordinates(synthetic_npz):
+    ds = load_dataset(synthetic_npz)
+    image, text = Preprocessor.fit(ds.train.image), Preprocessor.fit(ds.train.text, False)
+    image_cca, text_cca = with_canonical_directions(image, text, ds.train.image, ds.train.text)
+    cca = CCA.fit(image.zscore(ds.train.image), text.zscore(ds.train.text))
+    for pre, pre_cca, raw, embed in (
+        (image, image_cca, ds.test.image, cca.embed_image),
+        (text, text_cca, ds.test.text, cca.embed_text),
+    ):
+        out = pre_cca(raw)
+        d = raw.shape[1]
+        assert out.shape == (len(raw), d + len(cca.correlations))
+        np.testing.assert_array_equal(out[:, :d], pre(raw))  # the z-scored features, unchanged
+        np.testing.assert_allclose(out[:, d:], embed(pre.zscore(raw)), atol=1e-4)
+    # on the training pairs the first appended image and text coordinates correlate by the
+    # first canonical correlation
+    first_image = image_cca(ds.train.image)[:, ds.train.image.shape[1]]
+    first_text = text_cca(ds.train.text)[:, ds.train.text.shape[1]]
+    assert np.corrcoef(first_image, first_text)[0, 1] == pytest.approx(
+        cca.correlations[0], abs=1e-3
+    )
 
 
 def test_training_is_reproducible_for_a_seed(synthetic_npz):
