@@ -9,7 +9,7 @@ in the raw features, so a single `tanh(W x + a)` layer on top is still a single
 such layer on the raw features: export folds the directions into W
 (model.encoder_weights) and the served ONNX graph keeps its form. What changes
 is training: the target distances D_ij and the denoising see the canonical
-coordinates too (docs/training.md, "CCA directions as inputs").
+coordinates too (docs/training.md, "CCA directions as encoder inputs").
 """
 
 from __future__ import annotations
