@@ -49,20 +49,39 @@ class Preprocessor:
         return np.hstack([z, (z - self.centre) @ self.directions]).astype(np.float32)
 
 
+# Directions of the training features with less variance than this (relative to the largest)
+# are degenerate: Wikipedia's topic proportions sum to 1, so one direction has none at all.
+NULL_VARIANCE = 1e-6
+
+
 def with_canonical_directions(
     image: Preprocessor, text: Preprocessor, train_image: np.ndarray, train_text: np.ndarray
 ) -> tuple[Preprocessor, Preprocessor]:
     """Both preprocessors with the CCA directions of the z-scored training pairs appended."""
-    cca = CCA.fit(image.zscore(train_image), text.zscore(train_text))
+    z_image, z_text = image.zscore(train_image), text.zscore(train_text)
+    cca = CCA.fit(z_image, z_text)
     return (
         replace(
             image,
             centre=cca.image.mean.astype(np.float32),
-            directions=cca.image.linear_map.astype(np.float32),
+            directions=_without_null_directions(cca.image.linear_map, z_image).astype(np.float32),
         ),
         replace(
             text,
             centre=cca.text.mean.astype(np.float32),
-            directions=cca.text.linear_map.astype(np.float32),
+            directions=_without_null_directions(cca.text.linear_map, z_text).astype(np.float32),
         ),
     )
+
+
+def _without_null_directions(directions: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """`directions` minus their part along directions in which the training data don't vary.
+
+    CCA's ridge-regularised whitening scales such a direction by up to 1/sqrt(ridge) (100x),
+    which changes no training coordinate (the data have no extent there) but turns float32
+    rounding into errors of ~1e-5 in the encoder output. Dropping that part keeps every
+    coordinate of the training data (up to rounding) and the exported weights well scaled.
+    """
+    values, vectors = np.linalg.eigh(np.cov(np.asarray(train, dtype=np.float64), rowvar=False))
+    null = vectors[:, values < NULL_VARIANCE * values.max()]
+    return directions - null @ (null.T @ directions)
