@@ -126,6 +126,26 @@ def test_cca_inputs_append_the_canonical_coordinates(synthetic_npz):
     )
 
 
+def test_canonical_directions_stay_well_scaled_on_features_that_sum_to_one():
+    # Topic proportions (and word histograms) sum to 1: after z-scoring one direction has no
+    # variance, and CCA's ridge-regularised whitening scales it up ~100x. Exported weights that
+    # large turned float32 rounding into 7.5e-6 of ONNX-vs-torch difference on Wikipedia.
+    rng = np.random.default_rng(0)
+    topics = rng.dirichlet(np.full(10, 0.5), size=400).astype(np.float32)
+    image = (topics @ rng.normal(size=(10, 32)) + 0.3 * rng.normal(size=(400, 32))).astype(
+        np.float32
+    )
+    image_input, text_input = Preprocessor.fit(image), Preprocessor.fit(topics)
+    _, text_cca = with_canonical_directions(image_input, text_input, image, topics)
+    cca = CCA.fit(image_input.zscore(image), text_input.zscore(topics))
+    # the training coordinates are still CCA's ...
+    np.testing.assert_allclose(
+        text_cca(topics)[:, 10:], cca.embed_text(text_input.zscore(topics)), atol=1e-4
+    )
+    # ... but without the degenerate direction's blow-up
+    assert np.abs(text_cca.directions).max() < 2 < 20 < np.abs(cca.text.linear_map).max()
+
+
 def test_training_is_reproducible_for_a_seed(synthetic_npz):
     ds = load_dataset(synthetic_npz)
     a = train_cdpae(SMALL, ds.train, ds.validation, seed=3)
