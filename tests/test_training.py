@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from app.bundle import MANIFEST, load_bundle
+from tests.synthetic import write_synthetic_npz
 from training.baselines import CCA
 from training.data import load_dataset
 from training.evaluate import evaluate, metrics_from_scores
@@ -144,6 +145,23 @@ def test_canonical_directions_stay_well_scaled_on_features_that_sum_to_one():
     )
     # ... but without the degenerate direction's blow-up
     assert np.abs(text_cca.directions).max() < 2 < 20 < np.abs(cca.text.linear_map).max()
+
+
+@pytest.mark.parametrize(
+    ("n_train", "n_test", "d_img", "d_txt"),
+    [(60, 20, 1, 1), (12, 8, 5, 3), (30, 10, 300, 400)],
+    ids=["one-dimensional features", "12 pairs", "wider than the pairs"],
+)
+def test_train_handles_unusual_shapes(tmp_path, n_train, n_test, d_img, d_txt):
+    # Any .npz of the format must train: the CCA input directions included (1-d features once
+    # crashed there), with PCA for inputs over 256 dimensions and more dimensions than pairs.
+    data = write_synthetic_npz(
+        tmp_path / "odd.npz", n_train=n_train, n_test=n_test, d_img=d_img, d_txt=d_txt
+    )
+    out = tmp_path / "bundle"
+    args = ["--data", str(data), "--out", str(out), "--quiet", "--no-plots", "--quick"]
+    assert train_main(args) == 0
+    assert load_bundle(out).manifest.input_dims == {"image": d_img, "text": d_txt}
 
 
 def test_training_is_reproducible_for_a_seed(synthetic_npz):

@@ -82,6 +82,8 @@ def _without_null_directions(directions: np.ndarray, train: np.ndarray) -> np.nd
     rounding into errors of ~1e-5 in the encoder output. Dropping that part keeps every
     coordinate of the training data (up to rounding) and the exported weights well scaled.
     """
-    values, vectors = np.linalg.eigh(np.cov(np.asarray(train, dtype=np.float64), rowvar=False))
+    # atleast_2d: np.cov of a single feature column is a 0-d array
+    cov = np.atleast_2d(np.cov(np.asarray(train, dtype=np.float64), rowvar=False))
+    values, vectors = np.linalg.eigh(cov)
     null = vectors[:, values < NULL_VARIANCE * values.max()]
     return directions - null @ (null.T @ directions)
