@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,7 +47,7 @@ from app.retrieval import (  # noqa: E402
     query_profile,
     top_k,
 )
-from tests.service_helpers import free_port, serve_argv  # noqa: E402
+from tests.service_helpers import Server  # noqa: E402
 
 
 def fill_store(data_dir: Path, bundle_dir: Path, size: int, seed: int = 0) -> float:
@@ -100,36 +98,6 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-def start_server(
-    bundle: Path, data_dir: Path, log: Path, env_extra: dict[str, str]
-) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, **env_extra}
-    log_file = log.open("w")
-    proc = subprocess.Popen(
-        serve_argv(bundle, data_dir, port),
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=ROOT,
-    )
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def wait_ready(proc: subprocess.Popen, url: str, timeout: float) -> float:
-    started = time.perf_counter()
-    while time.perf_counter() - started < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError("server exited during startup")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return time.perf_counter() - started
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError("server not ready in time")
 
 
 def single_latencies(http: httpx.Client, queries: np.ndarray, extra: dict) -> np.ndarray:
@@ -223,13 +191,13 @@ def bench_size(args: argparse.Namespace, size: int, queries: np.ndarray) -> dict
         "CDPAE_MAX_BODY_BYTES": str(64 << 20),
         "CDPAE_LOG_LEVEL": args.log_level,
     }
-    proc, url = start_server(args.bundle, data_dir, args.work / f"server-{size}.log", env)
+    server = Server(args.bundle, data_dir, args.work / f"server-{size}.log", env=env)
     result: dict = {"size": size, "fill_store_s": round(fill_s, 1)}
     try:
-        result["startup_s"] = round(wait_ready(proc, url, args.startup_timeout), 1)
+        result["startup_s"] = round(server.wait_ready(args.startup_timeout), 1)
         print(f"  ready in {result['startup_s']} s", flush=True)
         n_single = min(args.queries, len(queries))
-        with httpx.Client(base_url=url, timeout=600) as http:
+        with httpx.Client(base_url=server.url, timeout=600) as http:
             count = http.get("/gallery/text").json()["count"]
             assert count == max(size, 693) or count == size, count
             variants = {
@@ -242,7 +210,7 @@ def bench_size(args: argparse.Namespace, size: int, queries: np.ndarray) -> dict
                 if name == "knn_approx":
                     # measured before a forced approximate search builds an index below the
                     # size threshold
-                    result["rss_bytes"] = rss_bytes(proc.pid)
+                    result["rss_bytes"] = rss_bytes(server.proc.pid)
                     metrics = http.get("/metrics").text
                     result["gallery_bytes"] = _gauge(
                         metrics, 'cdpae_gallery_memory_bytes{modality="text"}'
@@ -275,12 +243,7 @@ def bench_size(args: argparse.Namespace, size: int, queries: np.ndarray) -> dict
                 flush=True,
             )
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.stop(timeout=30)
     seconds, need, served = literal_seconds(
         args.bundle, data_dir, size, queries[0], args.literal_max_gb
     )

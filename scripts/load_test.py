@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.service_helpers import free_port, serve_argv  # noqa: E402
+from tests.service_helpers import Server  # noqa: E402
 
 OTHER = {"image": "text", "text": "image"}
 
@@ -318,31 +317,14 @@ def main(argv: list[str] | None = None) -> int:
             bundle = args.bundle
         with np.load(bundle / "default_gallery.npz", allow_pickle=False) as data:
             vectors = {m: np.asarray(data[m][:1000], dtype=np.float32) for m in ("image", "text")}
-        port = free_port()
-        env = {**os.environ, "CDPAE_LOG_LEVEL": "warning"}
+        env = {"CDPAE_LOG_LEVEL": "warning"}
         if args.max_inflight:
             env["CDPAE_MAX_INFLIGHT"] = str(args.max_inflight)
-        log = (tmp / "server.log").open("wb")
-        server = subprocess.Popen(
-            serve_argv(bundle, tmp / "data", port),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=ROOT,
-        )
-        url = f"http://127.0.0.1:{port}"
+        server = Server(bundle, tmp / "data", tmp / "server.log", env=env)
+        url, port = server.url, server.port
         rows: list[dict] = []
         try:
-            deadline = time.monotonic() + 300
-            while True:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"server did not start: {(tmp / 'server.log').read_text()}")
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.2)
+            server.wait_ready(timeout=300)
             counts = {m: httpx.get(f"{url}/gallery/{m}").json()["count"] for m in ("image", "text")}
             print(
                 f"bundle {bundle}, gallery {counts}, levels {levels} x {args.seconds:.0f} s, "
@@ -355,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                 level = asyncio.run(
                     _run_level(
                         port,
-                        server.pid,
+                        server.proc.pid,
                         clients,
                         args.seconds,
                         args.timeout,
@@ -373,14 +355,9 @@ def main(argv: list[str] | None = None) -> int:
                 for line in level.errors[:5]:
                     print("  ERROR", line, flush=True)
             n_live, n_deleted, problems = asyncio.run(_verify(url, ledger))
-            alive = server.poll() is None
+            alive = server.proc.poll() is None
         finally:
-            server.terminate()
-            try:
-                server.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                server.kill()
-            log.close()
+            server.stop(timeout=15)
     print(
         f"writes checked after the run: {n_live} acknowledged upserts readable, "
         f"{n_deleted} acknowledged deletes gone; lost: {len(problems)}; writes without an "

@@ -48,12 +48,22 @@ def serve_argv(bundle: Path, data_dir: Path, port: int, *extra: str) -> list[str
 
 
 class Server:
-    """`cdpae serve` as a real subprocess on a free 127.0.0.1 port."""
+    """`cdpae serve` as a real subprocess on a free 127.0.0.1 port (tests and scripts).
 
-    def __init__(self, bundle: Path, data_dir: Path, log: Path, *extra: str) -> None:
+    `env` adds to (or overrides) the environment the server starts with.
+    """
+
+    def __init__(
+        self,
+        bundle: Path,
+        data_dir: Path,
+        log: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "CDPAE_LOG_LEVEL": "info"}
+        env = {**os.environ, "CDPAE_LOG_LEVEL": "info", **(env or {})}
         self.log = log
         self._log_file = log.open("ab")
         self.proc = subprocess.Popen(
@@ -63,14 +73,15 @@ class Server:
             env=env,
         )
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+    def wait_ready(self, timeout: float = 60.0) -> float:
+        """Seconds until /readyz answered 200 (the gallery is loaded)."""
+        started = time.monotonic()
+        while time.monotonic() < started + timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {self.log.read_text()}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return time.monotonic() - started
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
@@ -81,11 +92,12 @@ class Server:
         self.proc.wait(timeout=10)
         self._log_file.close()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (a graceful shutdown), SIGKILL if it takes longer than `timeout`."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
