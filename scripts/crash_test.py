@@ -12,8 +12,6 @@ writes from two threads, SIGKILL at a random moment. Exit code 1 if anything was
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -23,11 +21,18 @@ sys.path.insert(0, str(ROOT))
 
 from tqdm import tqdm  # noqa: E402
 
-from tests.reliability_crash import CrashReport, run_crash_rounds  # noqa: E402
+from tests.reliability_crash import (  # noqa: E402
+    CrashReport,
+    MountRefused,
+    fill,
+    run_crash_rounds,
+    small_tmpfs,
+)
 from tests.synthetic import write_synthetic_bundle  # noqa: E402
 
 
-def _rounds(label: str, kills: int, **kwargs: object) -> CrashReport:
+def _rounds(label: str, kills: int, **kwargs: object) -> bool:
+    """Run the rounds with a progress bar, print the report; True if anything was lost."""
     bar = tqdm(total=kills + 1, desc=label, unit="start")
 
     def progress(round_no: int, report: CrashReport) -> None:
@@ -36,12 +41,10 @@ def _rounds(label: str, kills: int, **kwargs: object) -> CrashReport:
 
     report = run_crash_rounds(kills=kills, progress=progress, **kwargs)  # type: ignore[arg-type]
     bar.close()
-    return report
-
-
-def _fill(mount: Path, leave: int) -> None:
-    stat = os.statvfs(mount)
-    (mount / "filler").write_bytes(b"\0" * max(0, stat.f_bavail * stat.f_frsize - leave))
+    print(f"{label}: {report.summary()}")
+    for line in report.problems[:20]:
+        print("  PROBLEM", line)
+    return bool(report.problems)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_name)
         bundle = args.bundle or write_synthetic_bundle(tmp / "bundle")
         if args.kills:
-            report = _rounds(
+            failed |= _rounds(
                 "ordinary disk",
                 args.kills,
                 bundle=bundle,
@@ -66,39 +69,22 @@ def main(argv: list[str] | None = None) -> int:
                 log_dir=tmp / "logs",
                 seed=args.seed,
             )
-            print(f"ordinary disk: {report.summary()}")
-            failed |= bool(report.problems)
-            for line in report.problems[:20]:
-                print("  PROBLEM", line)
         if args.full_disk_kills:
-            mount = tmp / "disk"
-            mount.mkdir()
-            mounted = subprocess.run(
-                ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-                capture_output=True,
-                text=True,
-            )
-            if mounted.returncode != 0:
-                print(f"nearly full disk: skipped, can't mount tmpfs ({mounted.stderr.strip()})")
-            else:
-                try:
-                    report = _rounds(
-                        "nearly full disk",
+            try:
+                with small_tmpfs(tmp / "disk") as mount:
+                    failed |= _rounds(
+                        "nearly full disk (2 MB tmpfs, 200 kB left)",
                         args.full_disk_kills,
                         bundle=bundle,
                         data_dir=mount / "data",
                         log_dir=tmp / "logs-full",
                         seed=args.seed + 1,
                         disk_full_ok=True,
-                        after_first_start=lambda: _fill(mount, 200_000),
+                        after_first_start=lambda: fill(mount, 200_000),
                         max_write_seconds=1.5,
                     )
-                finally:
-                    subprocess.run(["umount", "-l", str(mount)], check=False)
-                print(f"nearly full disk (2 MB tmpfs, 200 kB left): {report.summary()}")
-                failed |= bool(report.problems)
-                for line in report.problems[:20]:
-                    print("  PROBLEM", line)
+            except MountRefused as exc:
+                print(f"nearly full disk: skipped, can't mount tmpfs ({exc})")
     return 1 if failed else 0
 
 

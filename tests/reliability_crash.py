@@ -11,11 +11,14 @@ SIGKILL at a random moment; restart on the same data directory; then every id is
 
 from __future__ import annotations
 
+import os
 import random
 import sqlite3
+import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -205,6 +208,35 @@ def verify(http: httpx.Client, ledger: Ledger, report: CrashReport, base: dict[s
             report.unsearchable.append(f"{modality}/{item_id}: live but not found by search")
         for item_id in found - live:
             report.resurrected.append(f"{modality}/{item_id}: not live but found by search")
+
+
+class MountRefused(Exception):
+    """A small tmpfs could not be mounted here (not root, or no mount permission)."""
+
+
+@contextmanager
+def small_tmpfs(mount: Path, size: str = "2m") -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `mount` for the block, unmounted after it."""
+    mount.mkdir(parents=True, exist_ok=True)
+    run = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if run.returncode != 0:
+        raise MountRefused(run.stderr.strip() or f"mount exited with {run.returncode}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(mount: Path, leave: int) -> Path:
+    """Fill the file system but `leave` bytes."""
+    stat = os.statvfs(mount)
+    filler = mount / "filler"
+    filler.write_bytes(b"\0" * max(0, stat.f_bavail * stat.f_frsize - leave))
+    return filler
 
 
 def integrity_check(data_dir: Path) -> str:

@@ -6,13 +6,17 @@ store stays whole. Longer runs: scripts/crash_test.py (docs/reliability.md)."""
 from __future__ import annotations
 
 import os
-import subprocess
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.reliability_crash import integrity_check, run_crash_rounds
+from tests.reliability_crash import (
+    MountRefused,
+    fill,
+    integrity_check,
+    run_crash_rounds,
+    small_tmpfs,
+)
 from tests.service_helpers import Server
 
 KILLS = int(os.environ.get("CDPAE_CRASH_KILLS", "5"))
@@ -30,27 +34,11 @@ def test_sigkill_loses_no_acknowledged_write(synthetic_bundle, tmp_path):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 2 MB tmpfs mounted for the test (root only); skipped where mounting is not allowed."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    run = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-    )
-    if run.returncode != 0:
-        pytest.skip(f"can't mount a small tmpfs here: {run.stderr.strip() or run.returncode}")
     try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(mount: Path, leave: int) -> Path:
-    """Fill the file system but `leave` bytes."""
-    stat = os.statvfs(mount)
-    filler = mount / "filler"
-    filler.write_bytes(b"\0" * max(0, stat.f_bavail * stat.f_frsize - leave))
-    return filler
+        with small_tmpfs(tmp_path / "disk") as mount:
+            yield mount
+    except MountRefused as exc:
+        pytest.skip(f"can't mount a small tmpfs here: {exc}")
 
 
 @pytest.mark.slow
