@@ -118,7 +118,7 @@ class ServiceMiddleware:
         app: ASGIApp,
         metrics: ServiceMetrics,
         max_body_bytes: int,
-        max_inflight_body_bytes: int | None = None,
+        max_inflight_body_bytes: int,
     ) -> None:
         self.app = app
         self.metrics = metrics
@@ -127,7 +127,7 @@ class ServiceMiddleware:
         # a route's admission check runs, so without a cap here N large uploads hold N times
         # that (64 bodies of 7.5 MB: 2.4 GB). Checked before reading; the event loop is single
         # threaded, so a plain counter is safe.
-        self.max_inflight_body_bytes = max_inflight_body_bytes or 4 * max_body_bytes
+        self.max_inflight_body_bytes = max_inflight_body_bytes
         self.inflight_body_bytes = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

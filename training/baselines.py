@@ -21,7 +21,7 @@ CCA_RIDGE = 1e-4
 
 
 @dataclass(frozen=True)
-class _Side:
+class CCASide:
     mean: np.ndarray  # (d,)
     pca: np.ndarray | None  # (d, PCA_DIM) or None
     projection: np.ndarray  # (d' , n_components)
@@ -52,8 +52,8 @@ def _regularised_cov(x: np.ndarray, ridge: float) -> np.ndarray:
 
 @dataclass(frozen=True)
 class CCA:
-    image: _Side
-    text: _Side
+    image: CCASide
+    text: CCASide
     correlations: np.ndarray  # canonical correlations of the kept components
 
     @classmethod
@@ -81,8 +81,8 @@ class CCA:
         wx = cxx_is @ u[:, :n_components]
         wy = cyy_is @ vt[:n_components].T
         return cls(
-            image=_Side(sides[0][0], sides[0][1], wx),
-            text=_Side(sides[1][0], sides[1][1], wy),
+            image=CCASide(sides[0][0], sides[0][1], wx),
+            text=CCASide(sides[1][0], sides[1][1], wy),
             correlations=s[:n_components],
         )
 

@@ -60,13 +60,13 @@ def encoder_weights(encoder: nn.Sequential, preprocessor: Preprocessor) -> Encod
         for module in encoder
         if isinstance(module, nn.Linear)
     ]
-    if preprocessor.directions is not None and preprocessor.centre is not None:
+    if preprocessor.canonical is not None:
         weight, bias = layers[0]
         d = preprocessor.mean.shape[0]
-        folded = weight[:, d:] @ preprocessor.directions.T.astype(np.float64)
+        folded = weight[:, d:] @ preprocessor.canonical.directions.T.astype(np.float64)
         layers[0] = (
             weight[:, :d] + folded,
-            bias - folded @ preprocessor.centre.astype(np.float64),
+            bias - folded @ preprocessor.canonical.centre.astype(np.float64),
         )
     return EncoderWeights(
         mean=np.asarray(preprocessor.mean, dtype=np.float32),

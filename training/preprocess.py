@@ -18,15 +18,25 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from training.baselines import CCA
+from training.baselines import CCA, CCASide
+
+
+@dataclass(frozen=True)
+class CanonicalCoordinates:
+    """z -> (z - centre) @ directions: the CCA coordinates appended to the z-scored features."""
+
+    centre: np.ndarray  # (d,) float32
+    directions: np.ndarray  # (d, p) float32
+
+    def __call__(self, z: np.ndarray) -> np.ndarray:
+        return (z - self.centre) @ self.directions
 
 
 @dataclass(frozen=True)
 class Preprocessor:
     mean: np.ndarray  # (d,) float32
     scale: np.ndarray  # (d,) float32, never 0
-    centre: np.ndarray | None = None  # (d,) float32: subtracted from z before `directions`
-    directions: np.ndarray | None = None  # (d, p) float32: appended coordinates (z - centre) @ D
+    canonical: CanonicalCoordinates | None = None
 
     @classmethod
     def fit(cls, x: np.ndarray, enabled: bool = True) -> Preprocessor:
@@ -44,9 +54,9 @@ class Preprocessor:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         z = self.zscore(x)
-        if self.directions is None or self.centre is None:
+        if self.canonical is None:
             return z
-        return np.hstack([z, (z - self.centre) @ self.directions]).astype(np.float32)
+        return np.hstack([z, self.canonical(z)]).astype(np.float32)
 
 
 # Directions of the training features with less variance than this (relative to the largest)
@@ -60,17 +70,16 @@ def with_canonical_directions(
     """Both preprocessors with the CCA directions of the z-scored training pairs appended."""
     z_image, z_text = image.zscore(train_image), text.zscore(train_text)
     cca = CCA.fit(z_image, z_text)
+
+    def canonical(side: CCASide, z: np.ndarray) -> CanonicalCoordinates:
+        return CanonicalCoordinates(
+            centre=side.mean.astype(np.float32),
+            directions=_without_null_directions(side.linear_map, z).astype(np.float32),
+        )
+
     return (
-        replace(
-            image,
-            centre=cca.image.mean.astype(np.float32),
-            directions=_without_null_directions(cca.image.linear_map, z_image).astype(np.float32),
-        ),
-        replace(
-            text,
-            centre=cca.text.mean.astype(np.float32),
-            directions=_without_null_directions(cca.text.linear_map, z_text).astype(np.float32),
-        ),
+        replace(image, canonical=canonical(cca.image, z_image)),
+        replace(text, canonical=canonical(cca.text, z_text)),
     )
 
 

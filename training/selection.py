@@ -75,7 +75,7 @@ class CandidateResult:
         return float(np.mean([run.result.best.val_mean for run in self.runs]))
 
     @property
-    def passes(self) -> int:
+    def eval_periods(self) -> int:
         """Evaluation periods up to the kept state, averaged over runs: the refit's length."""
         return max(1, round(float(np.mean([run.result.best_index + 1 for run in self.runs]))))
 

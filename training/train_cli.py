@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
         "--no-refit",
         action="store_true",
         help="serve the selected model as trained on the train split, instead of refitting "
-        "it on train + validation for the selected number of passes",
+        "it on train + validation for as many evaluation periods as its kept state",
     )
     parser.add_argument("--no-plots", action="store_true", help="skip the plots (faster)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -79,11 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     trained = winner.result
     if not args.no_refit:
         # Selection is done; the validation pairs now serve as more training data.
-        # Same configuration, same number of passes as the kept state, last state kept.
+        # Same configuration, as many evaluation periods as the kept state, last state kept.
         pool_split = dataset.train_and_validation()
-        passes = winner.passes
         trained = train_cdpae(
-            replace(winner.candidate.config, max_evals=passes),
+            replace(winner.candidate.config, max_evals=winner.eval_periods),
             pool_split,
             dataset.validation,
             seed=args.seed,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -142,10 +141,9 @@ def train_cdpae(
     seed: int = 0,
     progress: bool = False,
     description: str = "train",
-    should_stop: Callable[[list[EvalPoint]], bool] | None = None,
     keep_best: bool = True,
 ) -> TrainResult:
-    """Train one model; `should_stop(history)` lets a caller cut a run short (screening).
+    """Train one model with early stopping on validation, keeping the best state.
 
     keep_best=False trains for exactly `max_evals` evaluation periods and keeps the
     last state: the refit on train + validation, where validation is no longer held out.
@@ -224,16 +222,16 @@ def train_cdpae(
             sums = {}
             result.history.append(point)
             bar.set_postfix(val_map50=f"{point.val_mean:.3f}")
+            if not keep_best:  # the refit: nothing is held out, the last state is served
+                result.best_index = len(result.history) - 1
+                continue
             if point.val_mean > best_score:
                 best_score, since_best = point.val_mean, 0
                 best_state = copy.deepcopy(model.state_dict())
                 result.best_index = len(result.history) - 1
             else:
                 since_best += 1
-            if not keep_best:
-                best_state, result.best_index = None, len(result.history) - 1
-                continue
-            if since_best >= config.patience or (should_stop and should_stop(result.history)):
+            if since_best >= config.patience:
                 break
     bar.close()
     result.steps = step
