@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.service_helpers import service
 from tests.synthetic import write_synthetic_bundle, write_synthetic_npz
 
 
@@ -14,3 +15,10 @@ def synthetic_bundle(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_npz(tmp_path_factory) -> Path:
     return write_synthetic_npz(tmp_path_factory.mktemp("data") / "synthetic.npz")
+
+
+@pytest.fixture
+def client(synthetic_bundle, tmp_path):
+    """The service in-process on the synthetic bundle, with a fresh (seeded) gallery."""
+    with service(synthetic_bundle, tmp_path / "data") as c:
+        yield c

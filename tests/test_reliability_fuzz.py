@@ -62,12 +62,6 @@ def test_bundle_aware_fuzz(keyed):
 # --- what the fuzzer found, kept as plain regression tests -----------------------------------
 
 
-@pytest.fixture
-def client(synthetic_bundle, tmp_path):
-    with service(synthetic_bundle, tmp_path / "data") as c:
-        yield c
-
-
 def _vector(client, modality="text", item_id="g-1"):
     return client.get(f"/gallery/{modality}/items/{item_id}").json()["vector"]
 

@@ -10,12 +10,6 @@ import pytest
 from tests.service_helpers import service
 
 
-@pytest.fixture
-def client(synthetic_bundle, tmp_path):
-    with service(synthetic_bundle, tmp_path / "data") as c:
-        yield c
-
-
 def _vector(client, modality="image", item_id="g-0"):
     return client.get(f"/gallery/{modality}/items/{item_id}").json()["vector"]
 
