@@ -14,16 +14,25 @@ the candidates (if the index's own ranking is right). When that is below the k-t
 score the top k is certified; otherwise L doubles, up to a cap. HNSW recall itself is
 measured in scripts/bench_service.py.
 
-hnswlib's add and query are not safe together: the caller (engine.Gallery) holds a read
-lock for queries and a write lock for changes.
+`certified_top_k` is that widening loop; `AnnIndex` the index it asks. hnswlib's add and
+query are not safe together: the caller (app.gallery.Gallery) holds a read lock for queries
+and a write lock for changes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import hnswlib
 import numpy as np
+
+from app.retrieval import top_k_by_id
+
+# The first candidate list is at least gallery size / this (4,000 at 1M): recall@10 on 1M
+# Wikipedia-like items needs it (docs/service.md).
+ITEMS_PER_CANDIDATE = 250
 
 
 @dataclass(frozen=True)
@@ -116,3 +125,58 @@ class AnnIndex:
         # squared L2 to a lifted point: |P m_q|^2 + 1 - 2 Pm_q.Pm_g
         dots = (float(query[0] @ query[0]) + 1.0 - distances[0].astype(np.float64)) / 2.0
         return labels[0].astype(np.int64), dots, float(residual[0]) * self.max_residual
+
+
+def sparse_term_bound(
+    query_neighbours: np.ndarray,
+    query_weights: np.ndarray,
+    pair_correction: np.ndarray,
+    max_weight: float,
+) -> float:
+    """An upper bound of s_q.t_g over every gallery item g (module docstring)."""
+    sparse = query_weights * pair_correction[query_neighbours]
+    return min(float(sparse.max()), float(sparse.sum()) * max_weight)
+
+
+@dataclass(frozen=True)
+class CertifiedTopK:
+    rows: np.ndarray  # gallery rows, best first
+    scores: np.ndarray  # their exact scores
+    path: Literal["approximate", "uncertified"]
+
+
+def certified_top_k(
+    ann: AnnIndex,
+    dense_query: np.ndarray,
+    sparse_bound: float,
+    rescore: Callable[[np.ndarray], np.ndarray],
+    ids: Sequence[str | None],
+    k: int,
+    n_live: int,
+) -> CertifiedTopK | None:
+    """The top k by ANN candidates rescored exactly, the list doubled until certified.
+
+    `rescore(rows)` gives the exact scores of gallery rows; `ids[row]` their ids (ties are
+    broken by id, as on the exact path). None when hnswlib can't fill the candidate list (many
+    deleted rows): the caller then scores exactly.
+    """
+    size = min(
+        max(ann.params.candidates, 2 * k, n_live // ITEMS_PER_CANDIDATE),
+        n_live,
+        ann.params.max_candidates,
+    )
+    while True:
+        try:
+            rows, dots, slack = ann.query(dense_query, size)
+        except RuntimeError:
+            return None
+        exact = rescore(rows)
+        order = top_k_by_id(exact, [ids[r] for r in rows.tolist()], k)
+        threshold = exact[order[-1]]
+        certified = 0.5 + 0.5 * (float(dots.min()) + slack) + sparse_bound < threshold
+        if certified or size >= n_live or size >= ann.params.max_candidates:
+            path: Literal["approximate", "uncertified"] = (
+                "approximate" if certified or size >= n_live else "uncertified"
+            )
+            return CertifiedTopK(rows[order], exact[order], path)
+        size = min(2 * size, n_live, ann.params.max_candidates)

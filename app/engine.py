@@ -1,15 +1,12 @@
-"""The search engine: embeds queries, keeps each modality's gallery in memory, ranks it.
+"""The search engine: the bundle, the durable store and the two in-memory galleries.
 
-A gallery item is kept as its kNN code over the training pool (k neighbours and
-weights; app.retrieval "pool profile" form), its unit embedding (for cosine)
-and, for large galleries, its dense m_g in an HNSW index (app.ann). The math is
-app.retrieval's; this module only owns the arrays, their growth, and locking.
+What is left here is the order of things: loading the galleries from the store, the
+store-then-memory write order, and search dispatch (embed the queries once, pick the exact
+or the certified approximate path of app.gallery). No HTTP: bad input raises
+app.validation.InvalidInput, which app/errors.py maps to 422.
 
-Concurrency: each gallery has a readers-writer lock. Searches hold it shared
-(numpy and hnswlib release the GIL, so they run in parallel); a write holds it
-exclusively only for the in-memory update, after the store committed. A write
-that has been acknowledged is therefore visible to every search that starts
-after it, and hnswlib never sees an add during a query.
+A write commits to the store first and only then updates memory under the gallery's write
+lock, so an acknowledged write is visible to every search that starts after it.
 """
 
 from __future__ import annotations
@@ -20,234 +17,20 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import numpy as np
 
-from app.ann import AnnIndex, AnnParams, pool_basis
+from app.ann import AnnParams
 from app.bundle import MODALITIES, Bundle, Modality
-from app.errors import ApiError
+from app.gallery import Gallery, Hit, QueryBatch, SearchMode, Similarity
 from app.gallery_store import GalleryStore, StoredItem
-from app.retrieval import (
-    ItemCodes,
-    TrainingPool,
-    gallery_weight_matrix,
-    profile_scores,
-    profile_scores_rows,
-    query_profile,
-    top_k,
-)
+from app.retrieval import ItemCodes, query_profile
+from app.validation import feature_matrix, finite_embeddings
 
 log = logging.getLogger("cdpae.engine")
 
 _EMBED_CHUNK = 4096
-# The approximate path's first candidate list is at least gallery size / this (4,000 at 1M):
-# recall@10 on 1M Wikipedia-like items needs it (docs/service.md).
-_ITEMS_PER_CANDIDATE = 250
-
-
-class RWLock:
-    """Many readers or one writer; a waiting writer blocks new readers (no starvation)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._writers_waiting = 0
-
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._writers_waiting:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
-
-    @contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._writers_waiting += 1
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._writers_waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
-
-
-def _canonical(value: object) -> str:
-    return json.dumps(value, sort_keys=True)
-
-
-@dataclass(frozen=True)
-class Hit:
-    id: str
-    score: float
-    metadata_json: str
-
-
-class Gallery:
-    """One modality's gallery in memory. Callers hold `lock` (read or write) around use.
-
-    Rows are slots in growable arrays; a deleted row is marked dead and reused by a
-    later insert, so row numbers (also the ANN labels) stay stable.
-    """
-
-    def __init__(
-        self, modality: Modality, pool: TrainingPool, k: int, capacity: int = 1024
-    ) -> None:
-        self.modality = modality
-        self.pool = pool
-        self.k = k
-        self.lock = RWLock()
-        self.n_rows = 0  # rows in use, dead or alive: [0, n_rows)
-        self.neighbours = np.zeros((capacity, k), dtype=np.int32)
-        self.weights = np.zeros((capacity, k), dtype=np.float32)
-        self.units = np.zeros((capacity, pool.dim), dtype=np.float32)
-        self.alive = np.zeros(capacity, dtype=bool)
-        self.ids: list[str | None] = [None] * capacity
-        self.metadata: list[str | None] = [None] * capacity  # canonical JSON
-        self.row_of: dict[str, int] = {}
-        self.free: list[int] = []
-        # metadata key -> canonical value -> rows: the exact-match filter
-        self.by_value: dict[str, dict[str, set[int]]] = {}
-        self.max_weight = 0.0  # largest w_g(b) ever stored: bounds the sparse term (app.ann)
-        self.ann: AnnIndex | None = None
-
-    def __len__(self) -> int:
-        return len(self.row_of)
-
-    @property
-    def capacity(self) -> int:
-        return self.alive.shape[0]
-
-    def nbytes(self) -> int:
-        arrays = self.neighbours.nbytes + self.weights.nbytes + self.units.nbytes
-        return arrays + self.alive.nbytes + (self.ann.size_bytes() if self.ann else 0)
-
-    def reserve(self, capacity: int) -> None:
-        if capacity > self.capacity:
-            self._grow(capacity, exact=True)
-
-    def _grow(self, needed: int, exact: bool = False) -> None:
-        capacity = self.capacity
-        while capacity < needed:
-            capacity *= 2
-        if exact:
-            capacity = needed
-        for name in ("neighbours", "weights", "units", "alive"):
-            old = getattr(self, name)
-            new = np.zeros((capacity, *old.shape[1:]), dtype=old.dtype)
-            new[: self.n_rows] = old[: self.n_rows]
-            setattr(self, name, new)
-        extra = capacity - len(self.ids)
-        self.ids.extend([None] * extra)
-        self.metadata.extend([None] * extra)
-
-    def _index_metadata(self, row: int, metadata_json: str, add: bool) -> None:
-        for key, value in json.loads(metadata_json).items():
-            if isinstance(value, dict | list):
-                continue  # only scalar values can be filtered on
-            rows = self.by_value.setdefault(key, {}).setdefault(_canonical(value), set())
-            if add:
-                rows.add(row)
-            else:
-                rows.discard(row)
-
-    def put(
-        self,
-        ids: Sequence[str],
-        codes: ItemCodes,
-        units: np.ndarray,
-        metadata_json: Sequence[str],
-    ) -> None:
-        """Insert or replace items (under the write lock)."""
-        rows = np.empty(len(ids), dtype=np.int64)
-        for i, item_id in enumerate(ids):
-            row = self.row_of.get(item_id)
-            if row is not None:
-                self._index_metadata(row, self.metadata[row] or "{}", add=False)
-            elif self.free:
-                row = self.free.pop()
-            else:
-                if self.n_rows == self.capacity:
-                    self._grow(self.n_rows + 1)
-                row = self.n_rows
-                self.n_rows += 1
-            rows[i] = row
-            self.row_of[item_id] = row
-            self.ids[row] = item_id
-            self.metadata[row] = metadata_json[i]
-            self._index_metadata(row, metadata_json[i], add=True)
-        self.neighbours[rows] = codes.neighbours
-        self.weights[rows] = codes.weights
-        self.units[rows] = units
-        self.alive[rows] = True
-        if len(ids):
-            self.max_weight = max(self.max_weight, float(codes.weights.max()))
-        if self.ann is not None:
-            self.ann.put(rows, codes.dense)
-
-    def remove(self, item_id: str) -> bool:
-        row = self.row_of.pop(item_id, None)
-        if row is None:
-            return False
-        self._index_metadata(row, self.metadata[row] or "{}", add=False)
-        self.alive[row] = False
-        self.ids[row] = None
-        self.metadata[row] = None
-        self.free.append(row)
-        if self.ann is not None:
-            self.ann.remove(row)
-        return True
-
-    def rows_matching(self, flt: dict[str, object]) -> np.ndarray:
-        """Live rows whose metadata equals every key=value of the filter, ascending."""
-        matched: set[int] | None = None
-        for key, value in flt.items():
-            rows = self.by_value.get(key, {}).get(_canonical(value), set())
-            matched = set(rows) if matched is None else matched & rows
-            if not matched:
-                return np.empty(0, dtype=np.int64)
-        return np.array(sorted(matched or ()), dtype=np.int64)
-
-    def dense_codes(self, rows: np.ndarray) -> np.ndarray:
-        """m_g of the given rows, recomputed from their codes (m_g = sum_b w_g(b) u_b)."""
-        weights = gallery_weight_matrix(self.pool, self.neighbours[rows], self.weights[rows])
-        return np.asarray(weights @ self.pool.units, dtype=np.float32)
-
-    def build_ann(self, params: AnnParams) -> None:
-        """Index every live row's m_g (under the write lock); seconds per 10k items."""
-        started = time.perf_counter()
-        basis = pool_basis(self.pool.units, params.dim)
-        ann = AnnIndex(self.pool.dim, max(self.capacity, 16), params, basis)
-        live = np.flatnonzero(self.alive[: self.n_rows])
-        threads = max(1, min(4, os.cpu_count() or 1))
-        for start in range(0, len(live), 16384):
-            rows = live[start : start + 16384]
-            ann.put(rows, self.dense_codes(rows), num_threads=threads)
-            log.info(
-                "%s gallery: ANN index %d / %d items", self.modality, start + len(rows), len(live)
-            )
-        self.ann = ann
-        log.info(
-            "%s gallery: ANN index of %d items built in %.1f s",
-            self.modality,
-            len(live),
-            time.perf_counter() - started,
-        )
 
 
 class Engine:
@@ -270,7 +53,8 @@ class Engine:
         }
         # One writer per modality at a time, so the store and memory see writes in one order.
         self._writers = {m: threading.Lock() for m in MODALITIES}
-        self.search_paths: Counter[str] = Counter()  # exact / approximate / uncertified
+        self._paths_lock = threading.Lock()  # searches in several threads count paths
+        self._search_paths: Counter[str] = Counter()  # exact / approximate / uncertified
 
     @property
     def name(self) -> str:
@@ -278,6 +62,16 @@ class Engine:
 
     def input_dim(self, modality: Modality) -> int:
         return self.bundle.manifest.input_dims[modality]
+
+    @property
+    def search_paths(self) -> dict[str, int]:
+        """Queries answered by each path so far (a copy)."""
+        with self._paths_lock:
+            return dict(self._search_paths)
+
+    def _count_paths(self, paths: Sequence[str]) -> None:
+        with self._paths_lock:
+            self._search_paths.update(paths)
 
     # --- loading ------------------------------------------------------------------------------
 
@@ -315,7 +109,7 @@ class Engine:
                 len(gallery),
                 time.perf_counter() - started,
             )
-            if self.ann_min_items and len(gallery) >= self.ann_min_items:
+            if self._wants_ann(gallery):
                 with gallery.lock.write():
                     gallery.build_ann(self.ann_params)
 
@@ -337,68 +131,47 @@ class Engine:
         units = self._embed(modality, features, "items[{i}].vector")
         return units, self.bundle.codes(units, num_threads=num_threads)
 
+    def _wants_ann(self, gallery: Gallery) -> bool:
+        return (
+            gallery.ann is None and bool(self.ann_min_items) and len(gallery) >= self.ann_min_items
+        )
+
     # --- validation ---------------------------------------------------------------------------
 
     def _embed(self, modality: Modality, features: np.ndarray, field: str) -> np.ndarray:
-        """Unit embeddings, or a 422 naming the row: finite but huge inputs overflow inside the
-        encoder (its z-scoring) to NaN, which ranks nothing and would poison later searches."""
-        units = self.bundle.embed(modality, features)
-        bad = ~np.isfinite(units).all(axis=1)
-        if bad.any():
-            raise ApiError(
-                422,
-                "invalid_request",
-                f"the {modality} encoder overflows on these values (too large in magnitude)",
-                field=field.format(i=int(np.argmax(bad))),
-            )
-        return units
+        return finite_embeddings(self.bundle.embed(modality, features), modality, field)
 
     def check_vectors(
         self, modality: Modality, rows: Sequence[Sequence[float]], field: str
     ) -> np.ndarray:
-        """Raw feature rows -> (n, d) float32, or a 422 naming the bad row."""
-        dim = self.input_dim(modality)
-        for i, row in enumerate(rows):
-            if len(row) != dim:
-                raise ApiError(
-                    422,
-                    "invalid_request",
-                    f"expected {dim} floats ({modality} features of bundle '{self.name}'), "
-                    f"got {len(row)}",
-                    field=field.format(i=i),
-                )
-        with np.errstate(over="ignore"):
-            matrix = np.asarray(rows, dtype=np.float32).reshape(len(rows), dim)
-        # Finite as JSON floats can still overflow float32 (1e39 -> inf).
-        bad = ~np.isfinite(matrix)
-        if bad.any():
-            i, j = np.argwhere(bad)[0]
-            raise ApiError(
-                422,
-                "invalid_request",
-                f"value {rows[i][j]!r} is not finite as float32",
-                field=field.format(i=i) + f"[{j}]",
-            )
-        return matrix
+        """Raw feature rows -> (n, d) float32, or InvalidInput naming the bad row."""
+        what = f"{modality} features of bundle '{self.name}'"
+        return feature_matrix(rows, self.input_dim(modality), what, field)
 
     # --- search -------------------------------------------------------------------------------
+
+    def embed_queries(
+        self, query_modality: Modality, features: np.ndarray, similarity: Similarity
+    ) -> QueryBatch:
+        """Embed once; for knn also the codes and the profile over the training pool."""
+        units = self._embed(query_modality, features, "vectors[{i}]")
+        if similarity != "knn":
+            return QueryBatch(units)
+        codes = self.bundle.codes(units)
+        return QueryBatch(units, codes, query_profile(self.bundle.pool, codes))
 
     def search(
         self,
         query_modality: Modality,
         features: np.ndarray,
         k: int,
-        similarity: str = "knn",
+        similarity: Similarity = "knn",
         flt: dict[str, object] | None = None,
-        mode: str = "auto",
+        mode: SearchMode = "auto",
     ) -> list[list[Hit]]:
         """Top k of the other modality's gallery for each query row, best first."""
         gallery = self.galleries["text" if query_modality == "image" else "image"]
-        units = self._embed(query_modality, features, "vectors[{i}]")
-        codes = profile = None
-        if similarity == "knn":
-            codes = self.bundle.codes(units)
-            profile = query_profile(self.bundle.pool, codes)
+        queries = self.embed_queries(query_modality, features, similarity)
         approximate = (
             similarity == "knn"
             and not flt
@@ -412,95 +185,12 @@ class Engine:
                 if gallery.ann is None:
                     gallery.build_ann(self.ann_params)
         with gallery.lock.read():
-            n_live = len(gallery)
-            kk = min(k, n_live)
-            if kk == 0:
-                return [[] for _ in range(len(features))]
-            if approximate and gallery.ann is not None and codes is not None:
-                return [
-                    self._approximate_one(gallery, codes, profile, i, kk)
-                    for i in range(len(features))
-                ]
-            self.search_paths["exact"] += len(features)
-            rows = gallery.rows_matching(flt) if flt else None
-            if rows is not None and not len(rows):
-                return [[] for _ in range(len(features))]
-            scores = self._exact_scores(gallery, similarity, units, profile, rows)
-            top = top_k(scores, min(kk, scores.shape[1]))
-            picked = top if rows is None else rows[top]
-            return [
-                self._hits(gallery, picked[i], np.take_along_axis(scores[i], top[i], axis=0))
-                for i in range(len(features))
-            ]
-
-    def _exact_scores(
-        self,
-        gallery: Gallery,
-        similarity: str,
-        units: np.ndarray,
-        profile: np.ndarray | None,
-        rows: np.ndarray | None,
-    ) -> np.ndarray:
-        """(Q, rows) scores; rows None: every slot [0, n_rows), dead ones at -inf."""
-        n = gallery.n_rows
-        if similarity == "cosine":
-            matrix = gallery.units[:n] if rows is None else gallery.units[rows]
-            scores = units @ matrix.T
-        else:
-            assert profile is not None
-            if rows is None:
-                weights = gallery_weight_matrix(
-                    gallery.pool, gallery.neighbours[:n], gallery.weights[:n]
-                )
-            else:
-                weights = gallery_weight_matrix(
-                    gallery.pool, gallery.neighbours[rows], gallery.weights[rows]
-                )
-            scores = profile_scores(profile, weights)
-        if rows is None and len(gallery) < n:
-            scores[:, ~gallery.alive[:n]] = -np.inf
-        return scores
-
-    def _approximate_one(
-        self, gallery: Gallery, codes: ItemCodes, profile: np.ndarray, i: int, kk: int
-    ) -> list[Hit]:
-        """ANN candidates by m_q.m_g, rescored exactly, widened until certified (app.ann)."""
-        ann = gallery.ann
-        assert ann is not None
-        n_live = len(gallery)
-        sparse = codes.weights[i] * self.bundle.pool.pair_correction[codes.neighbours[i]]
-        bound = min(float(sparse.max()), float(sparse.sum()) * gallery.max_weight)
-        # Larger galleries hold more near-equal items per neighbourhood: start wider.
-        size = min(
-            max(ann.params.candidates, 2 * kk, n_live // _ITEMS_PER_CANDIDATE),
-            n_live,
-            ann.params.max_candidates,
-        )
-        while True:
-            try:
-                rows, dots, slack = ann.query(codes.dense[i], size)
-            except RuntimeError:
-                # hnswlib can't fill `size` results (many deleted rows): score exactly.
-                self.search_paths["exact"] += 1
-                scores = self._exact_scores(gallery, "knn", np.empty(0), profile[i : i + 1], None)
-                top = top_k(scores, kk)[0]
-                return self._hits(gallery, top, scores[0, top])
-            exact = profile_scores_rows(profile[i], gallery.neighbours[rows], gallery.weights[rows])
-            order = top_k(exact, kk)[0]
-            threshold = exact[order[-1]]
-            certified = 0.5 + 0.5 * (float(dots.min()) + slack) + bound < threshold
-            if certified or size >= n_live or size >= ann.params.max_candidates:
-                path = "approximate" if certified or size >= n_live else "uncertified"
-                self.search_paths[path] += 1
-                return self._hits(gallery, rows[order], exact[order])
-            size = min(2 * size, n_live, ann.params.max_candidates)
-
-    @staticmethod
-    def _hits(gallery: Gallery, rows: np.ndarray, scores: np.ndarray) -> list[Hit]:
-        return [
-            Hit(gallery.ids[r] or "", float(s), gallery.metadata[r] or "{}")
-            for r, s in zip(rows.tolist(), scores.tolist(), strict=True)
-        ]
+            if approximate and gallery.ann is not None:
+                results, paths = gallery.search_approximate(queries, k)
+                self._count_paths(paths)
+                return results
+            self._count_paths(["exact"] * len(queries))
+            return gallery.search_exact(queries, k, similarity, flt)
 
     # --- writes -------------------------------------------------------------------------------
 
@@ -515,11 +205,7 @@ class Engine:
             self.store.upsert(modality, list(zip(ids, features, metadata, strict=True)))
             with gallery.lock.write():
                 gallery.put(ids, codes, units, metadata_json)
-                if (
-                    gallery.ann is None
-                    and self.ann_min_items
-                    and len(gallery) >= self.ann_min_items
-                ):
+                if self._wants_ann(gallery):
                     gallery.build_ann(self.ann_params)
                 return len(gallery)
 

@@ -18,6 +18,7 @@ Notation (method.md):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -135,70 +136,19 @@ def item_codes(pool: TrainingPool, neighbour_ids: np.ndarray, neighbour_z: np.nd
     )
 
 
-def query_sparse_matrix(pool: TrainingPool, query: ItemCodes) -> sp.csr_matrix:
-    """s_q for each query as a row of a (Q, 2N) sparse matrix: s_q(a) = w_q(a) (1 - c_obj(a))."""
-    n, k = query.neighbours.shape
-    values = query.weights * pool.pair_correction[query.neighbours]
-    indptr = np.arange(0, n * k + 1, k)
-    return sp.csr_matrix((values.ravel(), query.neighbours.ravel(), indptr), shape=(n, pool.size))
-
-
-def gallery_sparse_matrix(pool: TrainingPool, gallery: ItemCodes) -> sp.csr_matrix:
-    """t_g for each gallery item as a column of a (2N, G) sparse matrix.
-
-    t_g(a) = w_g(partner(a)): gallery item g, having b among its neighbours with
-    weight w, is reached by a query through b's pair partner. Stored row-major by
-    training item, so it doubles as the inverted list training item -> gallery items.
-    """
-    g, k = gallery.neighbours.shape
-    rows = pool.partner(gallery.neighbours).ravel()
-    cols = np.repeat(np.arange(g), k)
-    return sp.csr_matrix((gallery.weights.ravel(), (rows, cols)), shape=(pool.size, g))
-
-
-def marginal_scores(
-    pool: TrainingPool,
-    query: ItemCodes,
-    gallery_dense: np.ndarray,
-    gallery_sparse: sp.csr_matrix,
-) -> np.ndarray:
-    """Exact S(q, g) in method.md's dense + sparse form, shape (Q, G), float32.
-
-    The service and the evaluator score with the equivalent pool-profile form
-    below (query_profile / gallery_weight_matrix / profile_scores), which stores
-    8k bytes per gallery item instead of 4C; this form is kept as the documented
-    decomposition the tests check both against.
-
-    gallery_dense is the (G, C) stack of m_g; gallery_sparse is
-    `gallery_sparse_matrix` of the same items (columns in the same order).
-    """
-    dense = query.dense @ np.asarray(gallery_dense, dtype=np.float32).T
-    sparse = (query_sparse_matrix(pool, query) @ gallery_sparse).toarray()
-    return (0.5 + 0.5 * dense + sparse).astype(np.float32)
-
-
 def cosine_scores(query_units: np.ndarray, gallery_units: np.ndarray) -> np.ndarray:
-    """Plain cosine similarity of unit vectors, shape (Q, G)."""
-    return np.asarray(query_units, dtype=np.float32) @ np.asarray(gallery_units, dtype=np.float32).T
+    """Plain cosine similarity of unit vectors, shape (Q, G), float32.
 
-
-def literal_marginal_scores(pool: TrainingPool, query: ItemCodes, gallery: ItemCodes) -> np.ndarray:
-    """S(q, g) computed the literal dense way of method.md: W_q H W_g^T.
-
-    H is the full (2N, 2N) matrix h(a, b), so this costs O(N^2) memory. It exists
-    only as the reference the served path is checked and benchmarked against.
+    einsum without optimisation sums each row in one fixed order, whichever rows come with
+    it: a BLAS product's blocking depends on the matrix shape, so a gallery split across
+    shards would score its items differently in the last bits and reorder near-ties.
     """
-    n = pool.size
-    w_q = np.zeros((len(query), n))
-    np.put_along_axis(w_q, query.neighbours, query.weights, axis=1)
-    w_g = np.zeros((len(gallery), n))
-    np.put_along_axis(w_g, gallery.neighbours, gallery.weights, axis=1)
-    units = pool.units.astype(np.float64)
-    h = (1.0 + units @ units.T) / 2.0
-    rows = np.arange(n)
-    h[rows, pool.partner(rows)] = 1.0  # the image and text of one pair: the same object
-    np.fill_diagonal(h, 1.0)
-    return w_q @ h @ w_g.T
+    return np.einsum(
+        "qc,gc->qg",
+        np.asarray(query_units, dtype=np.float32),
+        np.asarray(gallery_units, dtype=np.float32),
+        optimize=False,
+    )
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -250,8 +200,8 @@ def mean_average_precision(
 # so S(q, g) = sum_{b in P(g)} w_g(b) v_q(b) with the query's profile over the pool
 #   v_q(b) = 1/2 (1 + u_b.m_q) + s_q(partner(b))   (= sum_a w_q(a) h(a, b), row q of W_q H).
 # A gallery item is then its k neighbours and weights only (8k bytes instead of 4C), and
-# scoring it costs k multiply-adds. Exact, not an approximation: the test checks it against
-# marginal_scores and the literal formula.
+# scoring it costs k multiply-adds. Exact, not an approximation: tests check it against
+# method.md's dense + sparse form and the literal formula (tests/support/reference.py).
 
 
 def query_profile(pool: TrainingPool, query: ItemCodes) -> np.ndarray:
@@ -283,12 +233,38 @@ def gallery_weight_matrix(
 
 
 def profile_scores(profile: np.ndarray, gallery_weights: sp.csr_matrix) -> np.ndarray:
-    """S(q, g) = W_g v_q for every query x gallery item, shape (Q, G), float32."""
-    return np.asarray((gallery_weights @ profile.T).T, dtype=np.float32)
+    """S(q, g) = W_g v_q for every query x gallery item, shape (Q, G), float32.
+
+    THE scoring kernel of the kNN similarity: the evaluator, the single process (exact and
+    approximate paths) and the shards all score through it. A CSR product sums each row's k
+    terms in stored order, whatever other rows are in the matrix, so a gallery split into
+    slices scores every item bit for bit as the whole gallery does.
+    """
+    return np.asarray((gallery_weights @ np.atleast_2d(profile).T).T, dtype=np.float32)
 
 
-def profile_scores_rows(
-    profile: np.ndarray, neighbours: np.ndarray, weights: np.ndarray
-) -> np.ndarray:
-    """S(q, g) of ONE query profile (2N,) for a few items given as (n, k) rows: shape (n,)."""
-    return np.einsum("nk,nk->n", weights, profile[neighbours], dtype=np.float32)
+def knn_scores(pool: TrainingPool, query: ItemCodes, gallery: ItemCodes) -> np.ndarray:
+    """S(q, g) for coded queries against coded gallery items, (Q, G): what `cdpae evaluate`
+    ranks by, through the same two steps as the service (profile, then the kernel above)."""
+    weights = gallery_weight_matrix(pool, gallery.neighbours, gallery.weights)
+    return profile_scores(query_profile(pool, query), weights)
+
+
+def top_k_by_id(scores: np.ndarray, ids: Sequence[str | None], k: int) -> np.ndarray:
+    """Positions of the k best of one row of scores, best first, equal scores by id.
+
+    Breaking ties by id (not by position) makes the order independent of where items sit in
+    memory, so one process and any number of shards rank a gallery the same way.
+    """
+    n = len(scores)
+    k = min(k, n)
+    if k <= 0:
+        return np.empty(0, dtype=np.int64)
+    if k < n:
+        threshold = np.partition(scores, n - k)[n - k]
+        candidates = np.flatnonzero(scores >= threshold)
+    else:
+        candidates = np.arange(n)
+    # ids[i] is None only for a dead slot, which scores -inf and never ties a live item.
+    ranked = sorted(candidates.tolist(), key=lambda i: (-scores[i], ids[i] or ""))
+    return np.asarray(ranked[:k], dtype=np.int64)

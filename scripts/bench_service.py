@@ -12,12 +12,12 @@ For each size N it
    approximate above), knn forced exact, knn forced approximate and cosine;
 4. measures recall@10 of the approximate path against the exact ranking (same queries);
 5. reads the server's RSS and its gallery memory gauge;
-6. times the literal formula (app.retrieval.literal_marginal_scores: W_q H W_g^T with the
+6. times the literal formula (tests.support.reference.literal_code_scores: W_q H W_g^T with the
    (2N, 2N) matrix H and the dense (N, 2N) W_g built the dense way) in this process for one
    query, where its memory fits in --literal-max-gb, and says how much it would need elsewhere.
 
-    python scripts/bench_service.py --bundle .bench/wiki-quick --sizes 1000 10000 100000
-    python scripts/bench_service.py --bundle .bench/wiki-quick --sizes 1000000 --queries 100
+    python -m scripts.bench_service --bundle .bench/wiki-quick --sizes 1000 10000 100000
+    python -m scripts.bench_service --bundle .bench/wiki-quick --sizes 1000000 --queries 100
 
 Results are printed as a markdown table and written to --out (JSON, one entry per size).
 The client runs on the same machine as the server (2 shared cores): latencies include it.
@@ -28,26 +28,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from app.bundle import load_bundle  # noqa: E402
-from app.gallery_store import GalleryStore  # noqa: E402
-from app.retrieval import (  # noqa: E402
+from app.bundle import load_bundle
+from app.gallery_store import GalleryStore
+from app.retrieval import (
     gallery_weight_matrix,
-    literal_marginal_scores,
     profile_scores,
     query_profile,
     top_k,
 )
-from tests.service_helpers import Server  # noqa: E402
+from tests.support.reference import literal_code_scores
+from tests.support.service import Server
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def fill_store(data_dir: Path, bundle_dir: Path, size: int, seed: int = 0) -> float:
@@ -149,7 +147,7 @@ def recalls(approx: list[list[dict]], exact: list[list[dict]]) -> tuple[float, f
 def literal_seconds(
     bundle_dir: Path, data_dir: Path, size: int, query: np.ndarray, max_gb: float
 ) -> tuple[float | None, int, float | None]:
-    """One query through literal_marginal_scores, or the memory it would need."""
+    """One query through literal_code_scores, or the memory it would need."""
     bundle = load_bundle(bundle_dir)
     two_n = bundle.pool.size
     need = 8 * (two_n * two_n * 2 + size * two_n + two_n)  # H (+ its product temp), W_g, W_q
@@ -165,7 +163,7 @@ def literal_seconds(
     runs = []
     for _ in range(3):
         t0 = time.perf_counter()
-        literal = literal_marginal_scores(bundle.pool, q, gallery)
+        literal = literal_code_scores(bundle.pool, q, gallery)
         runs.append(time.perf_counter() - t0)
     # The served math for the same query in this process (no HTTP): raw features in,
     # ranked top 10 out, over the same gallery, checked equal to the literal scores.

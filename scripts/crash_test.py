@@ -1,7 +1,7 @@
 """Crash-safety run for docs/reliability.md: many SIGKILLs of a real `cdpae serve` while upserts
 and deletes stream in, on an ordinary directory and on a nearly full 2 MB tmpfs.
 
-    python scripts/crash_test.py --kills 25 --full-disk-kills 20
+    python -m scripts.crash_test --kills 25 --full-disk-kills 20
 
 Each round: start the server on the same data directory, check every id against the ledger
 of acknowledged writes (GET + a filtered search + counts + SQLite integrity_check), stream
@@ -12,23 +12,19 @@ writes from two threads, SIGKILL at a random moment. Exit code 1 if anything was
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from tqdm import tqdm
 
-from tqdm import tqdm  # noqa: E402
-
-from tests.reliability_crash import (  # noqa: E402
+from tests.support.reliability_crash import (
     CrashReport,
     MountRefused,
     fill,
     run_crash_rounds,
     small_tmpfs,
 )
-from tests.synthetic import write_synthetic_bundle  # noqa: E402
+from tests.support.synthetic import write_synthetic_bundle
 
 
 def _rounds(label: str, kills: int, **kwargs: object) -> bool:

@@ -2,7 +2,7 @@
 real `cdpae serve` on 127.0.0.1 (both API keys configured), from the service's own OpenAPI
 schema (schemathesis, positive and negative) and a bundle-aware hypothesis strategy.
 
-    python scripts/fuzz_long.py --scale 1.0
+    python -m scripts.fuzz_long --scale 1.0
 
 Prints the request count by status and every problem (a 5xx, a non-JSON or non-contract error
 body, a 422 without its field, NaN in a body, an acknowledged item that can't be read back).
@@ -14,25 +14,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import httpx
 
-import httpx  # noqa: E402
-
-from tests.reliability_fuzz import (  # noqa: E402
+from tests.support.reliability_fuzz import (
     READ_KEY,
     WRITE_KEY,
     FuzzReport,
     fuzz_schema,
     fuzz_semantic,
 )
-from tests.service_helpers import Server  # noqa: E402
-from tests.synthetic import write_synthetic_bundle  # noqa: E402
+from tests.support.service import Server
+from tests.support.synthetic import write_synthetic_bundle
 
 # schemathesis examples per operation at --scale 1
 BUDGET = {

@@ -1,6 +1,6 @@
 """Closed-loop load test of a real `cdpae serve` on 127.0.0.1, for docs/reliability.md.
 
-    python scripts/load_test.py --bundle models/wikipedia --levels 1,8,32,128 --seconds 60
+    python -m scripts.load_test --bundle models/wikipedia --levels 1,8,32,128 --seconds 60
 
 Each level runs N clients for a fixed time; every client sends one request, waits for the
 answer, sends the next (closed loop): 90% searches (one query vector of a random direction,
@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import random
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -30,10 +29,7 @@ from urllib.parse import quote
 import httpx
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tests.service_helpers import Server  # noqa: E402
+from tests.support.service import Server
 
 OTHER = {"image": "text", "text": "image"}
 
@@ -310,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="cdpae-load-") as tmp_name:
         tmp = Path(tmp_name)
         if args.bundle is None:
-            from tests.synthetic import write_synthetic_bundle
+            from tests.support.synthetic import write_synthetic_bundle
 
             bundle = write_synthetic_bundle(tmp / "bundle")
         else:

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.service_helpers import service
-from tests.synthetic import write_synthetic_bundle, write_synthetic_npz
+from tests.support.service import service
+from tests.support.synthetic import write_synthetic_bundle, write_synthetic_npz
 
 
 @pytest.fixture(scope="session")

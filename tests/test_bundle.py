@@ -13,7 +13,7 @@ from app.bundle import (
     BundleError,
     load_bundle,
 )
-from tests.synthetic import random_encoder, write_synthetic_bundle
+from tests.support.synthetic import random_encoder, write_synthetic_bundle
 
 
 def test_bundle_loads_and_encoders_match_numpy(synthetic_bundle):

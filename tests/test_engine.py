@@ -12,32 +12,8 @@ from app.ann import AnnParams
 from app.bundle import load_bundle
 from app.engine import Engine
 from app.gallery_store import GalleryStore
-from tests.service_helpers import service
-
-
-def _literal_scores(train: np.ndarray, queries: np.ndarray, gallery: np.ndarray, k: int):
-    """S(q, g) = sum_a sum_b w_q(a) w_g(b) h(a, b), written as in method.md (dense matrices)."""
-    n2 = len(train)
-
-    def unit(x):
-        return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-    t = unit(train.astype(np.float64))
-    z_train = (1 + t @ t.T) / 2
-    h = z_train.copy()
-    for a in range(n2):
-        h[a, a] = 1.0
-        h[a, (a + n2 // 2) % n2] = 1.0  # image j and text j: the same object
-
-    def weights(x):
-        z = (1 + unit(x.astype(np.float64)) @ t.T) / 2
-        w = np.zeros_like(z)
-        for i, row in enumerate(z):
-            nearest = np.argsort(-row, kind="stable")[:k]
-            w[i, nearest] = row[nearest] / row[nearest].sum()
-        return w
-
-    return weights(queries) @ h @ weights(gallery).T
+from tests.support.reference import literal_scores
+from tests.support.service import service
 
 
 def test_service_scores_equal_the_literal_formula(synthetic_bundle, tmp_path):
@@ -52,7 +28,7 @@ def test_service_scores_equal_the_literal_formula(synthetic_bundle, tmp_path):
             queries = default.features[query_modality][:6]
             body = {"vectors": queries.tolist(), "top_k": 30}
             results = client.post(url, json=body).json()["results"]
-            expected = _literal_scores(
+            expected = literal_scores(
                 train,
                 bundle.encoders[query_modality].embed(queries),
                 bundle.encoders[gallery_modality].embed(default.features[gallery_modality]),
@@ -124,6 +100,18 @@ def test_searches_never_see_items_deleted_before_they_began(engine):
     deleted_at: dict[str, float] = {}
     stop = threading.Event()
     failures: list[str] = []
+    errors: list[BaseException] = []  # a thread's exception must fail the test, not vanish
+    searches = [0]
+
+    def collecting(work):
+        def run(*args) -> None:
+            try:
+                work(*args)
+            except BaseException as exc:
+                errors.append(exc)
+                stop.set()
+
+        return run
 
     def writer() -> None:
         for i, item_id in enumerate(ids):
@@ -136,54 +124,41 @@ def test_searches_never_see_items_deleted_before_they_began(engine):
         stop.set()
 
     def reader(mode: str, similarity: str) -> None:
-        query = rng.normal(size=(2, 16)).astype(np.float32)
+        query = np.random.default_rng(len(mode)).normal(size=(2, 16)).astype(np.float32)
         while not stop.is_set():
             began = time.monotonic()
-            gone = {i for i, t in deleted_at.items() if t < began}
+            gone = {i for i, t in list(deleted_at.items()) if t < began}
             for hits in engine.search("image", query, 500, similarity, mode=mode):
                 seen = {h.id for h in hits}
                 if seen & gone:
                     failures.append(f"{mode}/{similarity} saw deleted {sorted(seen & gone)[:3]}")
+            searches[0] += 1
 
-    threads = [threading.Thread(target=writer)] + [
-        threading.Thread(target=reader, args=args)
+    threads = [threading.Thread(target=collecting(writer))] + [
+        threading.Thread(target=collecting(reader), args=args)
         for args in [("exact", "knn"), ("approximate", "knn"), ("auto", "cosine")]
     ]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    assert not errors, errors[:3]
     assert not failures, failures[:5]
+    assert searches[0] > 3  # the readers really ran alongside the writer
     assert engine.count("text") == 30 + len(range(0, 400, 3))
 
 
 @pytest.mark.parametrize("k", [1, 4, 10])
 def test_pool_profile_form_equals_dense_plus_sparse(k):
-    from app.retrieval import (
-        TrainingPool,
-        gallery_sparse_matrix,
-        gallery_weight_matrix,
-        item_codes,
-        literal_marginal_scores,
-        marginal_scores,
-        profile_scores,
-        profile_scores_rows,
-        query_profile,
-        unit_rows,
-    )
+    from app.retrieval import TrainingPool, item_codes, knn_scores, unit_rows
+    from tests.support.reference import dense_plus_sparse_scores, literal_code_scores
 
     rng = np.random.default_rng(k)
     img = rng.normal(size=(25, 6))
     pool = TrainingPool(unit_rows(np.vstack([img, img + 0.4 * rng.normal(size=img.shape)])))
     q = item_codes(pool, *pool.exact_neighbours(unit_rows(rng.normal(size=(5, 6))), k))
     g = item_codes(pool, *pool.exact_neighbours(unit_rows(rng.normal(size=(9, 6))), k))
-    reference = marginal_scores(pool, q, g.dense, gallery_sparse_matrix(pool, g))
-    profile = query_profile(pool, q)
-    served = profile_scores(profile, gallery_weight_matrix(pool, g.neighbours, g.weights))
-    np.testing.assert_allclose(served, reference, atol=1e-6)
-    np.testing.assert_allclose(served, literal_marginal_scores(pool, q, g), atol=1e-6)
-    np.testing.assert_allclose(
-        profile_scores_rows(profile[2], g.neighbours[3:7], g.weights[3:7]),
-        served[2, 3:7],
-        atol=1e-6,
-    )
+    served = knn_scores(pool, q, g)
+    np.testing.assert_allclose(served, dense_plus_sparse_scores(pool, q, g), atol=1e-6)
+    np.testing.assert_allclose(served, literal_code_scores(pool, q, g), atol=1e-6)

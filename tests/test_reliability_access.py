@@ -8,7 +8,7 @@ import logging
 import httpx
 import pytest
 
-from tests.service_helpers import Server, service
+from tests.support.service import Server, service
 
 WRITE_KEY = "sk-write-7f3a9c2e51d04b88"
 READ_KEY = "sk-read-0c4d2b9e77a14f31"

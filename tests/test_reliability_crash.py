@@ -10,14 +10,14 @@ import os
 import httpx
 import pytest
 
-from tests.reliability_crash import (
+from tests.support.reliability_crash import (
     MountRefused,
     fill,
     integrity_check,
     run_crash_rounds,
     small_tmpfs,
 )
-from tests.service_helpers import Server
+from tests.support.service import Server
 
 KILLS = int(os.environ.get("CDPAE_CRASH_KILLS", "5"))
 
@@ -123,8 +123,8 @@ def test_full_disk_refuses_writes_cleanly_and_keeps_the_store(synthetic_bundle, 
 
 def test_the_checker_sees_a_lost_write_and_a_resurrected_delete(synthetic_bundle, tmp_path):
     """The oracle itself, against the in-process app: a ledger that disagrees is reported."""
-    from tests.reliability_crash import CrashReport, Ledger, verify
-    from tests.service_helpers import service
+    from tests.support.reliability_crash import CrashReport, Ledger, verify
+    from tests.support.service import service
 
     with service(synthetic_bundle, tmp_path / "data") as http:
         vector = http.get("/gallery/text/items/g-1").json()["vector"]

@@ -8,7 +8,7 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.reliability_fuzz import (
+from tests.support.reliability_fuzz import (
     READ_KEY,
     WRITE_KEY,
     FuzzReport,
@@ -16,7 +16,7 @@ from tests.reliability_fuzz import (
     fuzz_semantic,
     problems,
 )
-from tests.service_helpers import service
+from tests.support.service import service
 
 WRITE = {"Authorization": f"Bearer {WRITE_KEY}"}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service_helpers import Server
+from tests.support.service import Server
 
 
 def _rss_mb(pid: int) -> float:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from app.bundle import BundleError, hnsw_file_dim, load_bundle, sha256_of
-from tests.service_helpers import free_port, serve_argv
+from tests.support.service import free_port, serve_argv
 
 
 def _manifest(bundle: Path) -> dict:

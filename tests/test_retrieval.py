@@ -1,52 +1,27 @@
 """The retrieval math against simple full-matrix versions written here."""
 
+import itertools
+
 import numpy as np
 import pytest
 
 from app.retrieval import (
+    ItemCodes,
     TrainingPool,
     average_precision,
-    gallery_sparse_matrix,
+    cosine_scores,
     item_codes,
-    literal_marginal_scores,
-    marginal_scores,
+    knn_scores,
     mean_average_precision,
     top_k,
+    top_k_by_id,
     unit_rows,
 )
-
-
-def _literal_loops(train: np.ndarray, queries: np.ndarray, gallery: np.ndarray, k: int):
-    """method.md's formula as written, with Python loops and no shortcuts."""
-    n2 = train.shape[0]
-    n = n2 // 2
-
-    def z(x, y):
-        return (1 + x @ y / (np.linalg.norm(x) * np.linalg.norm(y))) / 2
-
-    def neighbourhood(x):
-        sims = np.array([z(x, e) for e in train])
-        nearest = np.argsort(-sims, kind="stable")[:k]
-        return nearest, sims[nearest] / sims[nearest].sum()
-
-    def h(a, b):
-        if a == b or abs(a - b) == n:
-            return 1.0
-        return z(train[a], train[b])
-
-    out = np.zeros((len(queries), len(gallery)))
-    for qi, q in enumerate(queries):
-        pq, wq = neighbourhood(q)
-        for gi, g in enumerate(gallery):
-            pg, wg = neighbourhood(g)
-            out[qi, gi] = sum(
-                wq[i] * wg[j] * h(a, b) for i, a in enumerate(pq) for j, b in enumerate(pg)
-            )
-    return out
+from tests.support.reference import dense_plus_sparse_scores, literal_code_scores, literal_scores
 
 
 @pytest.mark.parametrize("k", [1, 3, 8])
-def test_dense_plus_sparse_equals_literal_formula(k):
+def test_served_and_dense_plus_sparse_forms_equal_the_literal_formula(k):
     rng = np.random.default_rng(k)
     n, c = 12, 5
     # Pairs that are close to each other, like a trained common space.
@@ -59,11 +34,14 @@ def test_dense_plus_sparse_equals_literal_formula(k):
     pool = TrainingPool(unit_rows(train))
     q_codes = item_codes(pool, *pool.exact_neighbours(unit_rows(queries), k))
     g_codes = item_codes(pool, *pool.exact_neighbours(unit_rows(gallery), k))
-    served = marginal_scores(pool, q_codes, g_codes.dense, gallery_sparse_matrix(pool, g_codes))
+    served = knn_scores(pool, q_codes, g_codes)
 
-    expected = _literal_loops(train, queries, gallery, k)
+    expected = literal_scores(train, queries, gallery, k)
     np.testing.assert_allclose(served, expected, atol=2e-6)
-    np.testing.assert_allclose(literal_marginal_scores(pool, q_codes, g_codes), expected, atol=2e-6)
+    np.testing.assert_allclose(
+        dense_plus_sparse_scores(pool, q_codes, g_codes), expected, atol=2e-6
+    )
+    np.testing.assert_allclose(literal_code_scores(pool, q_codes, g_codes), expected, atol=2e-6)
     assert (np.argsort(-served, axis=1) == np.argsort(-expected, axis=1)).all()
 
 
@@ -75,8 +53,8 @@ def test_query_that_is_a_training_item_gets_pair_bonus():
     pool = TrainingPool(unit_rows(train))
     q = item_codes(pool, *pool.exact_neighbours(pool.units[[2]], 1))
     g = item_codes(pool, *pool.exact_neighbours(pool.units[[7]], 1))
-    s = marginal_scores(pool, q, g.dense, gallery_sparse_matrix(pool, g))
-    assert s[0, 0] == pytest.approx(1.0, abs=1e-6)
+    assert knn_scores(pool, q, g)[0, 0] == pytest.approx(1.0, abs=1e-6)
+    assert dense_plus_sparse_scores(pool, q, g)[0, 0] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_map_known_answer():
@@ -107,3 +85,30 @@ def test_top_k_orders_best_first():
 def test_pool_rejects_odd_size():
     with pytest.raises(ValueError, match="2N"):
         TrainingPool(np.zeros((3, 2), dtype=np.float32))
+
+
+def test_top_k_by_id_breaks_ties_by_id_not_position():
+    scores = np.array([0.5, 0.9, 0.5, 0.5, 0.1], dtype=np.float32)
+    ids = ["d", "a", "b", "c", "e"]
+    assert top_k_by_id(scores, ids, 3).tolist() == [1, 2, 3]  # a, then b and c (tied), not d
+    assert top_k_by_id(scores, ids, 10).tolist() == [1, 2, 3, 0, 4]
+    assert top_k_by_id(scores, ids, 0).tolist() == []
+
+
+def test_scoring_is_bitwise_equal_on_any_split_of_the_gallery():
+    """The float-summation trap: a BLAS product's summation order depends on the matrix shape,
+    so shards scoring slices would differ from one process in the last bits."""
+    rng = np.random.default_rng(5)
+    pool = TrainingPool(unit_rows(rng.normal(size=(200, 64))))
+    queries = item_codes(pool, *pool.exact_neighbours(unit_rows(rng.normal(size=(3, 64))), 20))
+    gallery = item_codes(pool, *pool.exact_neighbours(unit_rows(rng.normal(size=(999, 64))), 20))
+    units = unit_rows(rng.normal(size=(999, 64)))
+    whole = knn_scores(pool, queries, gallery)
+    whole_cos = cosine_scores(queries.dense, units)
+    for cut in ([0, 1, 999], [0, 333, 666, 999], [0, 7, 500, 998, 999]):
+        for lo, hi in itertools.pairwise(cut):
+            part = ItemCodes(
+                gallery.dense[lo:hi], gallery.neighbours[lo:hi], gallery.weights[lo:hi]
+            )
+            assert (knn_scores(pool, queries, part) == whole[:, lo:hi]).all()
+            assert (cosine_scores(queries.dense, units[lo:hi]) == whole_cos[:, lo:hi]).all()

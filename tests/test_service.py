@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.service_helpers import service
+from tests.support.service import service
 
 
 def _vector(client, modality="image", item_id="g-0"):

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from app.serve_cli import main as serve_main
-from tests.service_helpers import Server
+from tests.support.service import Server
 
 
 def _broken_copy(bundle, tmp_path, name, action):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.service_helpers import service
+from tests.support.service import service
 
 pytestmark = pytest.mark.slow
 

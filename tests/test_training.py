@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from app.bundle import MANIFEST, load_bundle
-from tests.synthetic import write_synthetic_npz
+from tests.support.synthetic import write_synthetic_npz
 from training.baselines import CCA
 from training.data import load_dataset
 from training.evaluate import evaluate, metrics_from_scores

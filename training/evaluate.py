@@ -18,11 +18,9 @@ from app.retrieval import (
     ItemCodes,
     TrainingPool,
     cosine_scores,
-    gallery_weight_matrix,
     item_codes,
+    knn_scores,
     mean_average_precision,
-    profile_scores,
-    query_profile,
     unit_rows,
 )
 from training.baselines import CCA
@@ -52,17 +50,9 @@ def metrics_from_scores(scores: ScorePair, labels: np.ndarray) -> dict[str, floa
 
 
 def knn_score_pair(pool: TrainingPool, image: ItemCodes, text: ItemCodes) -> ScorePair:
-    """kNN marginal similarity both ways: image queries vs text gallery and back.
-
-    The same three calls as the service's exact path (app/engine.py), so the
-    evaluated numbers are the served numbers.
-    """
-
-    def served(query: ItemCodes, gallery: ItemCodes) -> np.ndarray:
-        weights = gallery_weight_matrix(pool, gallery.neighbours, gallery.weights)
-        return profile_scores(query_profile(pool, query), weights)
-
-    return served(image, text), served(text, image)
+    """kNN marginal similarity both ways: image queries vs text gallery and back, through
+    app.retrieval.knn_scores, the service's own scoring steps: evaluated is served."""
+    return knn_scores(pool, image, text), knn_scores(pool, text, image)
 
 
 def exact_knn_score_pair(

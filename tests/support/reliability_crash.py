@@ -26,7 +26,7 @@ from urllib.parse import quote
 import httpx
 
 from app.gallery_store import STORE_FILE
-from tests.service_helpers import Server
+from tests.support.service import Server
 
 MODALITIES = ("image", "text")
 OTHER = {"image": "text", "text": "image"}

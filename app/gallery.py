@@ -1,0 +1,352 @@
+"""One modality's gallery in memory: rows, slot reuse, the metadata index, its lock.
+
+A gallery item is kept as its kNN code over the training pool (k neighbours and weights;
+app.retrieval's "pool profile" form), its unit embedding (for cosine) and, for large
+galleries, its dense m_g in an HNSW index (app.ann). The math is app.retrieval's; this
+module owns the arrays, their growth, and an exact partial top-k over them that the single
+process and each shard of a cluster call alike (so a shard is a Gallery holding a slice).
+
+Concurrency: `lock` is a readers-writer lock. Searches hold it shared (numpy and hnswlib
+release the GIL, so they run in parallel); a change holds it exclusively. hnswlib never
+sees an add during a query.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
+import numpy as np
+
+from app.ann import AnnIndex, AnnParams, certified_top_k, pool_basis, sparse_term_bound
+from app.retrieval import (
+    ItemCodes,
+    TrainingPool,
+    cosine_scores,
+    gallery_weight_matrix,
+    profile_scores,
+    top_k_by_id,
+)
+
+log = logging.getLogger("cdpae.gallery")
+
+Similarity = Literal["knn", "cosine"]
+SearchMode = Literal["auto", "exact", "approximate"]
+
+
+class RWLock:
+    """Many readers or one writer; a waiting writer blocks new readers (no starvation)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+def canonical_json(value: object) -> str:
+    """The one JSON spelling of a value: stored metadata and filter keys compare by it."""
+    return json.dumps(value, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: str
+    score: float
+    metadata_json: str
+
+
+@dataclass(frozen=True)
+class QueryBatch:
+    """What a gallery needs of a batch of queries: their unit embeddings (cosine) and, for
+    knn, their codes and profiles over the training pool (computed once, by the caller)."""
+
+    units: np.ndarray  # (Q, C)
+    codes: ItemCodes | None = None  # knn only
+    profile: np.ndarray | None = None  # (Q, 2N), knn only
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+
+class Gallery:
+    """One modality's gallery in memory. Callers hold `lock` (read or write) around use.
+
+    Rows are slots in growable arrays; a deleted row is marked dead and reused by a
+    later insert, so row numbers (also the ANN labels) stay stable.
+    """
+
+    def __init__(self, modality: str, pool: TrainingPool, k: int, capacity: int = 1024) -> None:
+        self.modality = modality
+        self.pool = pool
+        self.k = k
+        self.lock = RWLock()
+        self.n_rows = 0  # rows in use, dead or alive: [0, n_rows)
+        self.neighbours = np.zeros((capacity, k), dtype=np.int32)
+        self.weights = np.zeros((capacity, k), dtype=np.float32)
+        self.units = np.zeros((capacity, pool.dim), dtype=np.float32)
+        self.alive = np.zeros(capacity, dtype=bool)
+        self.ids: list[str | None] = [None] * capacity
+        self.metadata: list[str | None] = [None] * capacity  # canonical JSON
+        self.row_of: dict[str, int] = {}
+        self.free: list[int] = []
+        # metadata key -> canonical value -> rows: the exact-match filter
+        self.by_value: dict[str, dict[str, set[int]]] = {}
+        self.max_weight = 0.0  # largest w_g(b) ever stored: bounds the sparse term (app.ann)
+        self.ann: AnnIndex | None = None
+
+    def __len__(self) -> int:
+        return len(self.row_of)
+
+    @property
+    def capacity(self) -> int:
+        return self.alive.shape[0]
+
+    def nbytes(self) -> int:
+        arrays = self.neighbours.nbytes + self.weights.nbytes + self.units.nbytes
+        return arrays + self.alive.nbytes + (self.ann.size_bytes() if self.ann else 0)
+
+    # --- changes (under the write lock) ------------------------------------------------------
+
+    def reserve(self, capacity: int) -> None:
+        if capacity > self.capacity:
+            self._grow(capacity, exact=True)
+
+    def _grow(self, needed: int, exact: bool = False) -> None:
+        capacity = self.capacity
+        while capacity < needed:
+            capacity *= 2
+        if exact:
+            capacity = needed
+        for name in ("neighbours", "weights", "units", "alive"):
+            old = getattr(self, name)
+            new = np.zeros((capacity, *old.shape[1:]), dtype=old.dtype)
+            new[: self.n_rows] = old[: self.n_rows]
+            setattr(self, name, new)
+        extra = capacity - len(self.ids)
+        self.ids.extend([None] * extra)
+        self.metadata.extend([None] * extra)
+
+    def _index_metadata(self, row: int, metadata_json: str, add: bool) -> None:
+        for key, value in json.loads(metadata_json).items():
+            if isinstance(value, dict | list):
+                continue  # only scalar values can be filtered on
+            values = self.by_value.setdefault(key, {})
+            spelled = canonical_json(value)
+            if add:
+                values.setdefault(spelled, set()).add(row)
+                continue
+            rows = values.get(spelled)
+            if rows is not None:
+                rows.discard(row)
+                # Prune emptied sets: ids come and go, their values must not pile up.
+                if not rows:
+                    del values[spelled]
+                    if not values:
+                        del self.by_value[key]
+
+    def put(
+        self,
+        ids: Sequence[str],
+        codes: ItemCodes,
+        units: np.ndarray,
+        metadata_json: Sequence[str],
+    ) -> None:
+        """Insert or replace items."""
+        rows = np.empty(len(ids), dtype=np.int64)
+        for i, item_id in enumerate(ids):
+            row = self.row_of.get(item_id)
+            if row is not None:
+                self._index_metadata(row, self.metadata[row] or "{}", add=False)
+            elif self.free:
+                row = self.free.pop()
+            else:
+                if self.n_rows == self.capacity:
+                    self._grow(self.n_rows + 1)
+                row = self.n_rows
+                self.n_rows += 1
+            rows[i] = row
+            self.row_of[item_id] = row
+            self.ids[row] = item_id
+            self.metadata[row] = metadata_json[i]
+            self._index_metadata(row, metadata_json[i], add=True)
+        self.neighbours[rows] = codes.neighbours
+        self.weights[rows] = codes.weights
+        self.units[rows] = units
+        self.alive[rows] = True
+        if len(ids):
+            self.max_weight = max(self.max_weight, float(codes.weights.max()))
+        if self.ann is not None:
+            self.ann.put(rows, codes.dense)
+
+    def remove(self, item_id: str) -> bool:
+        row = self.row_of.pop(item_id, None)
+        if row is None:
+            return False
+        self._index_metadata(row, self.metadata[row] or "{}", add=False)
+        self.alive[row] = False
+        self.ids[row] = None
+        self.metadata[row] = None
+        self.free.append(row)
+        if self.ann is not None:
+            self.ann.remove(row)
+        return True
+
+    def build_ann(self, params: AnnParams) -> None:
+        """Index every live row's m_g; logs progress (minutes at 1M items)."""
+        started = time.perf_counter()
+        basis = pool_basis(self.pool.units, params.dim)
+        ann = AnnIndex(self.pool.dim, max(self.capacity, 16), params, basis)
+        live = np.flatnonzero(self.alive[: self.n_rows])
+        threads = max(1, min(4, os.cpu_count() or 1))
+        for start in range(0, len(live), 16384):
+            rows = live[start : start + 16384]
+            ann.put(rows, self.dense_codes(rows), num_threads=threads)
+            log.info(
+                "%s gallery: ANN index %d / %d items", self.modality, start + len(rows), len(live)
+            )
+        self.ann = ann
+        log.info(
+            "%s gallery: ANN index of %d items built in %.1f s",
+            self.modality,
+            len(live),
+            time.perf_counter() - started,
+        )
+
+    # --- reads (under the read lock) ---------------------------------------------------------
+
+    def rows_matching(self, flt: dict[str, object]) -> np.ndarray:
+        """Live rows whose metadata equals every key=value of the filter, ascending."""
+        matched: set[int] | None = None
+        for key, value in flt.items():
+            rows = self.by_value.get(key, {}).get(canonical_json(value), set())
+            matched = set(rows) if matched is None else matched & rows
+            if not matched:
+                return np.empty(0, dtype=np.int64)
+        return np.array(sorted(matched or ()), dtype=np.int64)
+
+    def dense_codes(self, rows: np.ndarray) -> np.ndarray:
+        """m_g of the given rows, recomputed from their codes (m_g = sum_b w_g(b) u_b)."""
+        weights = gallery_weight_matrix(self.pool, self.neighbours[rows], self.weights[rows])
+        return np.asarray(weights @ self.pool.units, dtype=np.float32)
+
+    def scores(
+        self, queries: QueryBatch, similarity: Similarity, rows: np.ndarray | None = None
+    ) -> np.ndarray:
+        """(Q, rows) exact scores; rows None: every slot [0, n_rows), dead ones at -inf."""
+        picked = slice(0, self.n_rows) if rows is None else rows
+        if similarity == "cosine":
+            scores = cosine_scores(queries.units, self.units[picked])
+        else:
+            assert queries.profile is not None, "knn scores need the query profiles"
+            weights = gallery_weight_matrix(
+                self.pool, self.neighbours[picked], self.weights[picked]
+            )
+            scores = profile_scores(queries.profile, weights)
+        if rows is None and len(self) < self.n_rows:
+            scores[:, ~self.alive[: self.n_rows]] = -np.inf
+        return scores
+
+    def search_exact(
+        self,
+        queries: QueryBatch,
+        k: int,
+        similarity: Similarity,
+        flt: dict[str, object] | None = None,
+    ) -> list[list[Hit]]:
+        """The exact top k of the live rows (matching `flt`) for each query, ties by id."""
+        rows = self.rows_matching(flt) if flt else None
+        if rows is not None and not len(rows):
+            return [[] for _ in range(len(queries))]
+        k = min(k, len(self) if rows is None else len(rows))
+        if k <= 0:
+            return [[] for _ in range(len(queries))]
+        scores = self.scores(queries, similarity, rows)
+        # Column j of `scores` is row j of the gallery, or rows[j] under a filter.
+        ids = self.ids if rows is None else [self.ids[r] for r in rows.tolist()]
+        results = []
+        for q in range(len(queries)):
+            best = top_k_by_id(scores[q], ids, k)
+            picked = best if rows is None else rows[best]
+            results.append(self.hits(picked, scores[q, best]))
+        return results
+
+    def search_approximate(self, queries: QueryBatch, k: int) -> tuple[list[list[Hit]], list[str]]:
+        """The knn top k of each query through the ANN index (app.ann.certified_top_k), and the
+        path each answer took: approximate (certified), uncertified, or exact (fallback)."""
+        codes, profiles = queries.codes, queries.profile
+        assert self.ann is not None and codes is not None and profiles is not None
+        k = min(k, len(self))
+        if k <= 0:
+            return [[] for _ in range(len(queries))], ["exact"] * len(queries)
+        results: list[list[Hit]] = []
+        paths: list[str] = []
+        for i in range(len(queries)):
+            profile = profiles[i : i + 1]
+            bound = sparse_term_bound(
+                codes.neighbours[i], codes.weights[i], self.pool.pair_correction, self.max_weight
+            )
+            found = certified_top_k(
+                self.ann,
+                codes.dense[i],
+                bound,
+                partial(self._rescore, profile),
+                self.ids,
+                k,
+                len(self),
+            )
+            if found is None:
+                one = QueryBatch(queries.units[i : i + 1], None, profile)
+                results.extend(self.search_exact(one, k, "knn"))
+                paths.append("exact")
+            else:
+                results.append(self.hits(found.rows, found.scores))
+                paths.append(found.path)
+        return results, paths
+
+    def _rescore(self, profile: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        weights = gallery_weight_matrix(self.pool, self.neighbours[rows], self.weights[rows])
+        return profile_scores(profile, weights)[0]
+
+    def hits(self, rows: np.ndarray, scores: np.ndarray) -> list[Hit]:
+        return [
+            Hit(self.ids[r] or "", float(s), self.metadata[r] or "{}")
+            for r, s in zip(rows.tolist(), scores.tolist(), strict=True)
+        ]
