@@ -99,7 +99,8 @@ def create_app(
     app.state.inflight = 0
     app.state.metrics = ServiceMetrics(
         gallery_stats=lambda: _gallery_stats(app),
-        search_paths=lambda: dict(app.state.engine.search_paths) if app.state.engine else {},
+        search_paths=lambda: app.state.engine.search_paths if app.state.engine else {},
+        neighbour_search=lambda: _neighbour_search(app),
     )
     install_error_handlers(app)
     app.include_router(search.router)
@@ -119,3 +120,10 @@ def _gallery_stats(app: FastAPI) -> list[tuple[str, int, int]]:
     if engine is None:
         return []
     return [(m, len(g), g.nbytes()) for m, g in engine.galleries.items()]
+
+
+def _neighbour_search(app: FastAPI) -> str | None:
+    engine: Engine | None = app.state.engine
+    if engine is None:
+        return None
+    return "exact" if engine.bundle.exact_knn else "hnsw"

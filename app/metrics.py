@@ -56,6 +56,7 @@ class ServiceMetrics:
         self,
         gallery_stats: Callable[[], Iterable[tuple[str, int, int]]],
         search_paths: Callable[[], dict[str, int]],
+        neighbour_search: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -71,7 +72,7 @@ class ServiceMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(_EngineCollector(gallery_stats, search_paths))
+        self.registry.register(_EngineCollector(gallery_stats, search_paths, neighbour_search))
 
 
 class _EngineCollector(Collector):
@@ -81,9 +82,11 @@ class _EngineCollector(Collector):
         self,
         gallery_stats: Callable[[], Iterable[tuple[str, int, int]]],
         search_paths: Callable[[], dict[str, int]],
+        neighbour_search: Callable[[], str | None],
     ) -> None:
         self._gallery_stats = gallery_stats
         self._search_paths = search_paths
+        self._neighbour_search = neighbour_search
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         items = GaugeMetricFamily(
@@ -105,9 +108,20 @@ class _EngineCollector(Collector):
         )
         for path, n in self._search_paths().items():
             paths.add_metric([path], n)
+        method = GaugeMetricFamily(
+            "cdpae_training_neighbour_search",
+            "how a query's k nearest training items are found: 1 for the method in use "
+            "(exact: a scan of a small training pool; hnsw: the bundle's index)",
+            labels=["method"],
+        )
+        in_use = self._neighbour_search()
+        for name in ("exact", "hnsw"):
+            if in_use is not None:
+                method.add_metric([name], float(name == in_use))
         yield items
         yield size
         yield paths
+        yield method
 
 
 class ServiceMiddleware:

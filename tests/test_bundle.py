@@ -27,13 +27,20 @@ def test_bundle_loads_and_encoders_match_numpy(synthetic_bundle):
         np.testing.assert_allclose(bundle.encoders["image"].embed(x), reference(x), atol=1e-5)
 
 
-def test_hnsw_neighbours_agree_with_exact(synthetic_bundle):
+def test_both_neighbour_paths_find_the_same_training_items(synthetic_bundle, monkeypatch):
+    import app.bundle as bundle_module
+
     bundle = load_bundle(synthetic_bundle)
     queries = bundle.embed("text", bundle.default_gallery().features["text"])
-    approx, _ = bundle.neighbours(queries)
-    exact, _ = bundle.pool.exact_neighbours(queries, bundle.knn_k)
+    assert bundle.exact_knn  # 120 pool items: an exact scan
+    exact, exact_z = bundle.neighbours(queries)
+    monkeypatch.setattr(bundle_module, "EXACT_KNN_MAX_POOL", 0)
+    assert not bundle.exact_knn
+    approx, approx_z = bundle.neighbours(queries)
     recall = np.mean([len(set(a) & set(e)) / len(e) for a, e in zip(approx, exact, strict=True)])
     assert recall >= 0.99
+    same = (approx == exact).all(axis=1)
+    np.testing.assert_allclose(approx_z[same], exact_z[same], atol=1e-6)
 
 
 def _copy(bundle, tmp_path):

@@ -112,3 +112,23 @@ def test_scoring_is_bitwise_equal_on_any_split_of_the_gallery():
             )
             assert (knn_scores(pool, queries, part) == whole[:, lo:hi]).all()
             assert (cosine_scores(queries.dense, units[lo:hi]) == whole_cos[:, lo:hi]).all()
+
+
+def test_query_profile_is_the_same_with_and_without_the_gram_matrix(monkeypatch):
+    import app.retrieval as retrieval
+
+    rng = np.random.default_rng(3)
+    img = rng.normal(size=(40, 16))
+    units = unit_rows(np.vstack([img, img + 0.3 * rng.normal(size=img.shape)]))
+    queries = unit_rows(rng.normal(size=(5, 16)))
+    with_gram = TrainingPool(units)
+    assert with_gram.gram is not None
+    codes = item_codes(with_gram, *with_gram.exact_neighbours(queries, 7))
+    monkeypatch.setattr(retrieval, "GRAM_MAX_POOL", 10)
+    without = TrainingPool(units)
+    assert without.gram is None
+    np.testing.assert_allclose(
+        retrieval.query_profile(with_gram, codes),
+        retrieval.query_profile(without, codes),
+        atol=1e-6,
+    )

@@ -210,3 +210,6 @@ def test_request_id_and_metrics(client):
     )
     assert 'cdpae_gallery_items{modality="text"} 30.0' in text
     assert 'cdpae_search_queries_by_path{path="exact"} 1.0' in text
+    # the synthetic bundle's 120 training items are scanned, not searched through HNSW
+    assert 'cdpae_training_neighbour_search{method="exact"} 1.0' in text
+    assert 'cdpae_training_neighbour_search{method="hnsw"} 0.0' in text
