@@ -14,11 +14,11 @@ from app.errors import ApiError
 from app.settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     state = request.app.state
     if state.load_error is not None:
         raise ApiError(503, "unavailable", f"the gallery failed to load: {state.load_error}")
@@ -29,7 +29,7 @@ def get_engine(request: Request) -> Engine:
     return state.engine
 
 
-def modality_of(modality: str) -> Modality:
+async def modality_of(modality: str) -> Modality:
     """The {modality} path parameter: 404 (not 422) for anything but image or text."""
     if modality not in MODALITIES:
         raise ApiError(
@@ -54,7 +54,7 @@ def _matches(key: str | None, secret: object) -> bool:
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
-def require_read(
+async def require_read(
     settings: Annotated[Settings, Depends(get_settings)],
     authorization: Annotated[str | None, Header()] = None,
 ) -> None:
@@ -72,7 +72,7 @@ def require_read(
         )
 
 
-def require_write(
+async def require_write(
     settings: Annotated[Settings, Depends(get_settings)],
     authorization: Annotated[str | None, Header()] = None,
 ) -> None:

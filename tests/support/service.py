@@ -50,7 +50,9 @@ def serve_argv(bundle: Path, data_dir: Path, port: int, *extra: str) -> list[str
 class Server:
     """`cdpae serve` as a real subprocess on a free 127.0.0.1 port (tests and scripts).
 
-    `env` adds to (or overrides) the environment the server starts with.
+    `env` adds to (or overrides) the environment the server starts with; `cwd` is where it
+    runs, hence whose `app` package `python -m app.cli` imports (another checkout's, to
+    benchmark two versions side by side).
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class Server:
         log: Path,
         *extra: str,
         env: dict[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -71,6 +74,7 @@ class Server:
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             env=env,
+            cwd=cwd,
         )
 
     def wait_ready(self, timeout: float = 60.0) -> float:
