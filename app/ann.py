@@ -14,6 +14,9 @@ the candidates (if the index's own ranking is right). When that is below the k-t
 score the top k is certified; otherwise L doubles, up to a cap. HNSW recall itself is
 measured in scripts/bench_service.py.
 
+Cosine uses the same machinery on the unit embeddings u_g (|P u_g| <= 1 too): an item
+outside the candidates has cos <= d_L + |r_q| r_max, with no sparse term.
+
 `certified_top_k` is that widening loop; `AnnIndex` the index it asks. hnswlib's add and
 query are not safe together: the caller (app.gallery.Gallery) holds a read lock for queries
 and a write lock for changes.
@@ -147,8 +150,8 @@ class CertifiedTopK:
 
 def certified_top_k(
     ann: AnnIndex,
-    dense_query: np.ndarray,
-    sparse_bound: float,
+    query: np.ndarray,
+    outside_bound: Callable[[float], float],
     rescore: Callable[[np.ndarray], np.ndarray],
     ids: Sequence[str | None],
     k: int,
@@ -156,6 +159,9 @@ def certified_top_k(
 ) -> CertifiedTopK | None:
     """The top k by ANN candidates rescored exactly, the list doubled until certified.
 
+    `query` is what the index ranks by (m_q for knn, the unit embedding for cosine);
+    `outside_bound(d)` turns d = the smallest projected dot among the candidates plus the
+    projection slack into an upper bound of the score of any item the index did not return;
     `rescore(rows)` gives the exact scores of gallery rows; `ids[row]` their ids (ties are
     broken by id, as on the exact path). None when hnswlib can't fill the candidate list (many
     deleted rows): the caller then scores exactly.
@@ -167,13 +173,13 @@ def certified_top_k(
     )
     while True:
         try:
-            rows, dots, slack = ann.query(dense_query, size)
+            rows, dots, slack = ann.query(query, size)
         except RuntimeError:
             return None
         exact = rescore(rows)
         order = top_k_by_id(exact, [ids[r] for r in rows.tolist()], k)
         threshold = exact[order[-1]]
-        certified = 0.5 + 0.5 * (float(dots.min()) + slack) + sparse_bound < threshold
+        certified = outside_bound(float(dots.min()) + slack) < threshold
         if certified or size >= n_live or size >= ann.params.max_candidates:
             path: Literal["approximate", "uncertified"] = (
                 "approximate" if certified or size >= n_live else "uncertified"

@@ -172,13 +172,11 @@ class Engine:
         """Top k of the other modality's gallery for each query row, best first."""
         gallery = self.galleries["text" if query_modality == "image" else "image"]
         queries = self.embed_queries(query_modality, features, similarity)
-        approximate = (
-            similarity == "knn"
-            and not flt
-            and (
-                mode == "approximate"
-                or (mode == "auto" and self.ann_min_items and len(gallery) >= self.ann_min_items)
-            )
+        # Filters take the exact path over the matching rows (top_k hits whenever that many
+        # match); so do small galleries unless a request asks for the approximate path.
+        approximate = not flt and (
+            mode == "approximate"
+            or (mode == "auto" and bool(self.ann_min_items) and len(gallery) >= self.ann_min_items)
         )
         if approximate and gallery.ann is None:
             with gallery.lock.write():
@@ -186,7 +184,7 @@ class Engine:
                     gallery.build_ann(self.ann_params)
         with gallery.lock.read():
             if approximate and gallery.ann is not None:
-                results, paths = gallery.search_approximate(queries, k)
+                results, paths = gallery.search_approximate(queries, k, similarity)
                 self._count_paths(paths)
                 return results
             self._count_paths(["exact"] * len(queries))

@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -105,6 +105,26 @@ class QueryBatch:
     def __len__(self) -> int:
         return len(self.units)
 
+    def row(self, i: int) -> QueryBatch:
+        """Query i alone, as a batch of one."""
+        pick = slice(i, i + 1)
+        codes = None
+        if self.codes is not None:
+            codes = ItemCodes(
+                self.codes.dense[pick], self.codes.neighbours[pick], self.codes.weights[pick]
+            )
+        profile = None if self.profile is None else self.profile[pick]
+        return QueryBatch(self.units[pick], codes, profile)
+
+
+def _knn_outside_bound(sparse_bound: float, dot_bound: float) -> float:
+    """S = 1/2 + 1/2 m_q.m_g + s_q.t_g of an item whose m_q.m_g is at most dot_bound."""
+    return 0.5 + 0.5 * dot_bound + sparse_bound
+
+
+def _cosine_outside_bound(dot_bound: float) -> float:
+    return dot_bound
+
 
 class Gallery:
     """One modality's gallery in memory. Callers hold `lock` (read or write) around use.
@@ -130,7 +150,8 @@ class Gallery:
         # metadata key -> canonical value -> rows: the exact-match filter
         self.by_value: dict[str, dict[str, set[int]]] = {}
         self.max_weight = 0.0  # largest w_g(b) ever stored: bounds the sparse term (app.ann)
-        self.ann: AnnIndex | None = None
+        self.ann: AnnIndex | None = None  # knn: over the m_g
+        self.cosine_ann: AnnIndex | None = None  # cosine: over the unit embeddings
 
     def __len__(self) -> int:
         return len(self.row_of)
@@ -141,7 +162,8 @@ class Gallery:
 
     def nbytes(self) -> int:
         arrays = self.neighbours.nbytes + self.weights.nbytes + self.units.nbytes
-        return arrays + self.alive.nbytes + (self.ann.size_bytes() if self.ann else 0)
+        indexes = sum(i.size_bytes() for i in (self.ann, self.cosine_ann) if i is not None)
+        return arrays + self.alive.nbytes + indexes
 
     # --- changes (under the write lock) ------------------------------------------------------
 
@@ -215,6 +237,8 @@ class Gallery:
             self.max_weight = max(self.max_weight, float(codes.weights.max()))
         if self.ann is not None:
             self.ann.put(rows, codes.dense)
+        if self.cosine_ann is not None:
+            self.cosine_ann.put(rows, units)
 
     def remove(self, item_id: str) -> bool:
         row = self.row_of.pop(item_id, None)
@@ -225,30 +249,47 @@ class Gallery:
         self.ids[row] = None
         self.metadata[row] = None
         self.free.append(row)
-        if self.ann is not None:
-            self.ann.remove(row)
+        for index in (self.ann, self.cosine_ann):
+            if index is not None:
+                index.remove(row)
         return True
 
     def build_ann(self, params: AnnParams) -> None:
-        """Index every live row's m_g; logs progress (minutes at 1M items)."""
-        started = time.perf_counter()
+        """Index every live row's m_g (knn) and unit embedding (cosine); logs progress
+        (minutes at 1M items)."""
         basis = pool_basis(self.pool.units, params.dim)
-        ann = AnnIndex(self.pool.dim, max(self.capacity, 16), params, basis)
+        self.ann = self._build_index("knn", params, basis, self.dense_codes)
+        self.cosine_ann = self._build_index("cosine", params, basis, lambda rows: self.units[rows])
+
+    def _build_index(
+        self,
+        similarity: Similarity,
+        params: AnnParams,
+        basis: np.ndarray | None,
+        vectors: Callable[[np.ndarray], np.ndarray],
+    ) -> AnnIndex:
+        started = time.perf_counter()
+        index = AnnIndex(self.pool.dim, max(self.capacity, 16), params, basis)
         live = np.flatnonzero(self.alive[: self.n_rows])
         threads = max(1, min(4, os.cpu_count() or 1))
         for start in range(0, len(live), 16384):
             rows = live[start : start + 16384]
-            ann.put(rows, self.dense_codes(rows), num_threads=threads)
+            index.put(rows, vectors(rows), num_threads=threads)
             log.info(
-                "%s gallery: ANN index %d / %d items", self.modality, start + len(rows), len(live)
+                "%s gallery: %s ANN index %d / %d items",
+                self.modality,
+                similarity,
+                start + len(rows),
+                len(live),
             )
-        self.ann = ann
         log.info(
-            "%s gallery: ANN index of %d items built in %.1f s",
+            "%s gallery: %s ANN index of %d items built in %.1f s",
             self.modality,
+            similarity,
             len(live),
             time.perf_counter() - started,
         )
+        return index
 
     # --- reads (under the read lock) ---------------------------------------------------------
 
@@ -308,42 +349,46 @@ class Gallery:
             results.append(self.hits(picked, scores[q, best]))
         return results
 
-    def search_approximate(self, queries: QueryBatch, k: int) -> tuple[list[list[Hit]], list[str]]:
-        """The knn top k of each query through the ANN index (app.ann.certified_top_k), and the
-        path each answer took: approximate (certified), uncertified, or exact (fallback)."""
-        codes, profiles = queries.codes, queries.profile
-        assert self.ann is not None and codes is not None and profiles is not None
+    def search_approximate(
+        self, queries: QueryBatch, k: int, similarity: Similarity = "knn"
+    ) -> tuple[list[list[Hit]], list[str]]:
+        """The top k of each query through the ANN index of `similarity`
+        (app.ann.certified_top_k), and the path each answer took: approximate (certified),
+        uncertified, or exact (the index could not fill its candidate list)."""
+        index = self.ann if similarity == "knn" else self.cosine_ann
+        assert index is not None, f"no {similarity} ANN index: build_ann first"
         k = min(k, len(self))
         if k <= 0:
             return [[] for _ in range(len(queries))], ["exact"] * len(queries)
         results: list[list[Hit]] = []
         paths: list[str] = []
         for i in range(len(queries)):
-            profile = profiles[i : i + 1]
-            bound = sparse_term_bound(
-                codes.neighbours[i], codes.weights[i], self.pool.pair_correction, self.max_weight
-            )
+            one = queries.row(i)
+            if similarity == "knn":
+                assert one.codes is not None
+                sparse = sparse_term_bound(
+                    one.codes.neighbours[0],
+                    one.codes.weights[0],
+                    self.pool.pair_correction,
+                    self.max_weight,
+                )
+                query = one.codes.dense[0]
+                bound = partial(_knn_outside_bound, sparse)
+            else:
+                query, bound = one.units[0], _cosine_outside_bound
             found = certified_top_k(
-                self.ann,
-                codes.dense[i],
-                bound,
-                partial(self._rescore, profile),
-                self.ids,
-                k,
-                len(self),
+                index, query, bound, partial(self._rescore, one, similarity), self.ids, k, len(self)
             )
             if found is None:
-                one = QueryBatch(queries.units[i : i + 1], None, profile)
-                results.extend(self.search_exact(one, k, "knn"))
+                results.extend(self.search_exact(one, k, similarity))
                 paths.append("exact")
             else:
                 results.append(self.hits(found.rows, found.scores))
                 paths.append(found.path)
         return results, paths
 
-    def _rescore(self, profile: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        weights = gallery_weight_matrix(self.pool, self.neighbours[rows], self.weights[rows])
-        return profile_scores(profile, weights)[0]
+    def _rescore(self, one: QueryBatch, similarity: Similarity, rows: np.ndarray) -> np.ndarray:
+        return self.scores(one, similarity, rows)[0]
 
     def hits(self, rows: np.ndarray, scores: np.ndarray) -> list[Hit]:
         return [

@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     ann_min_items: int = Field(
         50_000,
         ge=0,
-        description="knn searches without a filter use the approximate path from this "
+        description="knn and cosine searches without a filter use the approximate path from this "
         "gallery size on (0: never unless asked)",
     )
     ann_m: int = Field(16, ge=2, description="HNSW M of the gallery's approximate index")

@@ -118,10 +118,17 @@ def batch_throughput(http: httpx.Client, queries: np.ndarray, extra: dict, batch
     return batches * len(body["vectors"]) / (time.perf_counter() - t0)
 
 
-def hits_of(http: httpx.Client, queries: np.ndarray, mode: str) -> list[list[dict]]:
+def hits_of(
+    http: httpx.Client, queries: np.ndarray, mode: str, similarity: str = "knn"
+) -> list[list[dict]]:
     out = []
     for start in range(0, len(queries), 64):
-        body = {"vectors": queries[start : start + 64].tolist(), "top_k": 10, "mode": mode}
+        body = {
+            "vectors": queries[start : start + 64].tolist(),
+            "top_k": 10,
+            "mode": mode,
+            "similarity": similarity,
+        }
         r = http.post("/search/image-to-text", json=body, timeout=600)
         r.raise_for_status()
         out += [res["hits"] for res in r.json()["results"]]
@@ -202,6 +209,7 @@ def bench_size(args: argparse.Namespace, size: int, queries: np.ndarray) -> dict
                 "knn": {"similarity": "knn"},
                 "knn_exact": {"similarity": "knn", "mode": "exact"},
                 "cosine": {"similarity": "cosine"},
+                "cosine_exact": {"similarity": "cosine", "mode": "exact"},
                 "knn_approx": {"similarity": "knn", "mode": "approximate"},
             }
             for name, extra in variants.items():
@@ -227,6 +235,11 @@ def bench_size(args: argparse.Namespace, size: int, queries: np.ndarray) -> dict
             strict, tied = recalls(approx, exact)
             result["ann_recall_at_10"] = round(strict, 4)
             result["ann_recall_at_10_ties"] = round(tied, 4)
+            exact = hits_of(http, queries[: args.recall_queries], "exact", "cosine")
+            approx = hits_of(http, queries[: args.recall_queries], "approximate", "cosine")
+            strict, tied = recalls(approx, exact)
+            result["cosine_recall_at_10"] = round(strict, 4)
+            result["cosine_recall_at_10_ties"] = round(tied, 4)
             metrics = http.get("/metrics").text
             result["ann_gallery_bytes"] = _gauge(
                 metrics, 'cdpae_gallery_memory_bytes{modality="text"}'
@@ -266,11 +279,13 @@ def _gauge(metrics: str, name: str) -> int:
 def table(results: list[dict]) -> str:
     head = (
         "| items | knn served p50 / p99 ms | knn exact p50 / p99 ms | knn approx p50 / p99 ms "
-        "| cosine p50 / p99 ms | batch q/s knn / exact / approx / cosine "
-        "| recall@10 approx (tie-aware) "
-        "| literal s/query | literal / knn served | RSS MB | startup s |"
+        "| cosine served p50 / p99 ms | cosine exact p50 / p99 ms "
+        "| batch q/s knn / exact / approx / cosine "
+        "| recall@10 knn approx (tie-aware) | recall@10 cosine approx (tie-aware) "
+        "| literal s/query | literal / knn served | RSS MB | RSS KB / item "
+        "| gallery arrays KB / item | startup s |"
     )
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 15]
     for r in results:
 
         def cell(name: str, r: dict = r) -> str:
@@ -288,9 +303,11 @@ def table(results: list[dict]) -> str:
                 ratio += f" ({r['literal_s'] * 1e3 / r['served_inprocess_ms']:.0f}x in-process)"
         lines.append(
             f"| {r['size']:,} | {cell('knn')} | {cell('knn_exact')} | {cell('knn_approx')} | "
-            f"{cell('cosine')} | {qps} | {r['ann_recall_at_10']} "
-            f"({r.get('ann_recall_at_10_ties', '-')}) | {literal} | {ratio} | "
-            f"{r['rss_bytes'] / 1e6:.0f} | {r['startup_s']} |"
+            f"{cell('cosine')} | {cell('cosine_exact')} | {qps} | {r['ann_recall_at_10']} "
+            f"({r.get('ann_recall_at_10_ties', '-')}) | {r['cosine_recall_at_10']} "
+            f"({r['cosine_recall_at_10_ties']}) | {literal} | {ratio} | "
+            f"{r['rss_bytes'] / 1e6:.0f} | {r['rss_bytes'] / r['size'] / 1e3:.2f} | "
+            f"{r['ann_gallery_bytes'] / r['size'] / 1e3:.2f} | {r['startup_s']} |"
         )
     return "\n".join(lines)
 

@@ -60,18 +60,22 @@ def _random_text_items(n: int, rng: np.random.Generator, prefix: str = "t"):
     return ids, features, [{"category": f"c{i % 5}"} for i in range(n)]
 
 
+@pytest.mark.parametrize("similarity", ["knn", "cosine"])
 @pytest.mark.parametrize("projection", [0, 6])
-def test_approximate_path_matches_exact(engine, projection):
-    # projection 6: the ANN index holds m_g projected on 6 of the 12 pool directions
+def test_approximate_path_matches_exact(engine, projection, similarity):
+    # projection 6: the ANN index holds m_g (knn) or u_g (cosine) projected on 6 of the 12
+    # pool directions
     engine.ann_params = AnnParams(dim=projection)
     rng = np.random.default_rng(1)
     engine.upsert("text", *_random_text_items(3000, rng))
     for i in range(0, 3000, 7):  # deleted rows must not come back through the ANN index
         engine.delete("text", f"t-{i}")
     queries = rng.normal(size=(40, 16)).astype(np.float32)
-    exact = engine.search("image", queries, 10, mode="exact")
-    approximate = engine.search("image", queries, 10, mode="approximate")
-    assert engine.galleries["text"].ann is not None
+    exact = engine.search("image", queries, 10, similarity, mode="exact")
+    approximate = engine.search("image", queries, 10, similarity, mode="approximate")
+    gallery = engine.galleries["text"]
+    assert gallery.ann is not None and gallery.cosine_ann is not None
+    assert engine.search_paths.get("approximate", 0) + engine.search_paths.get("uncertified", 0)
     recall = np.mean(
         [
             len({h.id for h in a} & {h.id for h in e}) / 10
@@ -81,14 +85,14 @@ def test_approximate_path_matches_exact(engine, projection):
     assert recall >= 0.99
     for a, e in zip(approximate, exact, strict=True):
         common = {h.id: h.score for h in e}
-        for h in a:  # candidates are rescored exactly
+        for h in a:  # candidates are rescored exactly, by the same kernel: bit for bit
             if h.id in common:
-                assert h.score == pytest.approx(common[h.id], abs=1e-6)
+                assert h.score == common[h.id]
     deleted = {f"t-{i}" for i in range(0, 3000, 7)}
     assert not deleted & {h.id for hits in approximate for h in hits}
     # an upsert after the index exists goes into it too
     engine.upsert("text", ["fresh"], engine.store.get("text", "t-1").vector[None, :], [{}])
-    hits = engine.search("image", queries[:1], 3000, mode="approximate")[0]
+    hits = engine.search("image", queries[:1], 3000, similarity, mode="approximate")[0]
     assert "fresh" in {h.id for h in hits}
 
 
@@ -136,7 +140,12 @@ def test_searches_never_see_items_deleted_before_they_began(engine):
 
     threads = [threading.Thread(target=collecting(writer))] + [
         threading.Thread(target=collecting(reader), args=args)
-        for args in [("exact", "knn"), ("approximate", "knn"), ("auto", "cosine")]
+        for args in [
+            ("exact", "knn"),
+            ("approximate", "knn"),
+            ("auto", "cosine"),
+            ("approximate", "cosine"),
+        ]
     ]
     for t in threads:
         t.start()
