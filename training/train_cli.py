@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         timings["refit_s"] = round(time.perf_counter() - started - timings["selection_s"], 2)
 
+    export_started = time.perf_counter()  # the export's own time, the refit's excluded
     image_encoder = encoder_weights(trained.model.image_encoder, trained.image_input)
     text_encoder = encoder_weights(trained.model.text_encoder, trained.text_input)
     onnx_diff = {
@@ -146,9 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         # Evaluate the bundle as the service loads it: these are the served numbers.
         evaluation = evaluate(load_bundle(staged_bundle), dataset)
-        timings["export_evaluate_s"] = round(
-            time.perf_counter() - started - timings["selection_s"], 2
-        )
+        timings["export_evaluate_s"] = round(time.perf_counter() - export_started, 2)
         report = {
             "dataset": dataset.name,
             "seed": args.seed,
