@@ -52,10 +52,14 @@ class BundleError(Exception):
 
 
 class HnswParams(BaseModel):
+    """The training pool's HNSW index: how export builds it and the service searches it."""
+
+    model_config = ConfigDict(frozen=True)
+
     space: Literal["cosine"] = "cosine"
-    M: int = Field(ge=2)
-    ef_construction: int = Field(ge=1)
-    ef: int = Field(ge=1)
+    M: int = Field(32, ge=2)
+    ef_construction: int = Field(400, ge=1)
+    ef: int = Field(200, ge=1)
 
 
 class Manifest(BaseModel):
@@ -75,6 +79,22 @@ class Manifest(BaseModel):
     metrics: dict = Field(default_factory=dict)
     created_at: str
     package_version: str
+
+    def write(self, bundle_dir: Path) -> None:
+        """manifest.json into bundle_dir: the one writer of the format read_manifest reads."""
+        text = json.dumps(self.model_dump(mode="python"), indent=2, default=_json_default)
+        (Path(bundle_dir) / MANIFEST).write_text(text + "\n")
+
+
+def _json_default(value: object) -> object:
+    """numpy scalars and arrays (hyperparameters, metrics) and paths as plain JSON."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def sha256_of(path: Path) -> str:

@@ -8,7 +8,6 @@ client sends and parses against the real service is in test_client_service.py.
 from __future__ import annotations
 
 import asyncio
-import socket
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
@@ -37,12 +36,6 @@ from app.client import (
 )
 
 
-def unused_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def error_body(kind: str, message: str, field: str | None = None) -> dict:
     return {"error": {"type": kind, "field": field, "message": message}}
 
@@ -62,6 +55,7 @@ def error_body(kind: str, message: str, field: str | None = None) -> dict:
         (503, OverloadedError),
     ],
 )
+from tests.support.service import free_port
 def test_each_status_maps_to_its_exception_with_the_servers_message(status, cls):
     response = httpx.Response(
         status,
@@ -152,7 +146,7 @@ def counting_client(counter: list) -> httpx.Client:
 
 
 def test_connection_refused_is_retried_then_raised():
-    port, attempts = unused_port(), []
+    port, attempts = free_port(), []
     http = counting_client(attempts)
     with (
         Client(f"http://127.0.0.1:{port}", max_retries=2, backoff_base=0.01, http_client=http) as c,
@@ -165,7 +159,7 @@ def test_connection_refused_is_retried_then_raised():
 
 
 def test_async_connection_refused_is_retried_then_raised():
-    port, attempts = unused_port(), []
+    port, attempts = free_port(), []
 
     async def run() -> None:
         http = httpx.AsyncClient(event_hooks={"request": [_async_append(attempts)]})

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from app.client import (
 from app.main import create_app
 from app.search_cli import main as search_main
 from app.settings import Settings
+from tests.support.service import Server
 
 WRITE_KEY, READ_KEY = "write-key-for-tests", "read-key-for-tests"
 
@@ -42,31 +42,20 @@ def gallery(synthetic_bundle: Path) -> dict[str, np.ndarray]:
         return {key: data[key] for key in ("ids", "categories", "image", "text")}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(synthetic_bundle: Path, tmp_path_factory) -> Iterator[str]:
     """A real `cdpae serve` process on a free port; yields its base URL."""
-    port = free_port()
-    data_dir = tmp_path_factory.mktemp("served-gallery")
-    env = {**os.environ, "CDPAE_API_KEY": WRITE_KEY, "CDPAE_READ_API_KEY": READ_KEY}
-    argv = [sys.executable, "-m", "app.cli", "serve", "--bundle", str(synthetic_bundle)]
-    argv += ["--port", str(port), "--data-dir", str(data_dir), "--log-level", "warning"]
-    process = subprocess.Popen(argv, env=env)
-    url = f"http://127.0.0.1:{port}"
+    work = tmp_path_factory.mktemp("served-gallery")
+    env = {"CDPAE_API_KEY": WRITE_KEY, "CDPAE_READ_API_KEY": READ_KEY, "CDPAE_LOG_LEVEL": "warning"}
+    served = Server(synthetic_bundle, work / "data", work / "server.log", env=env)
     try:
         # The client itself waits: connection refused and the 503 of a loading
         # gallery are exactly what it retries.
-        with Client(url, api_key=READ_KEY, max_retries=12, backoff_base=0.1) as client:
+        with Client(served.url, api_key=READ_KEY, max_retries=12, backoff_base=0.1) as client:
             assert client.ready()["status"] == "ready"
-        yield url
+        yield served.url
     finally:
-        process.terminate()
-        process.wait(timeout=20)
+        served.stop(timeout=20)
 
 
 @pytest.fixture

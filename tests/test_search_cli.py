@@ -6,7 +6,6 @@ The same command against a real running service is in test_client_service.py.
 from __future__ import annotations
 
 import json
-import socket
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from app.cli import main as cdpae
 from app.client import Hit, QueryResult
 from app.search_cli import VectorFileError, format_table, parse_filter, read_vectors
+from tests.support.service import free_port
 
 
 def test_reads_npy_json_and_text_files(tmp_path):
@@ -79,9 +79,7 @@ def test_usage_errors_exit_2_and_name_the_problem(tmp_path, capsys):
 
 
 def test_unreachable_service_exits_1(tmp_path, capsys, monkeypatch):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there
     monkeypatch.setattr("app.client.time.sleep", lambda _s: None)  # skip the backoff waits
     np.save(tmp_path / "q.npy", np.ones(3))
     code = cdpae(

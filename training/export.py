@@ -7,7 +7,6 @@ graph directly keeps export exact and independent of torch's exporter.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -32,6 +31,9 @@ from app.bundle import (
     TEXT_ENCODER,
     TRAIN_EMBEDDINGS,
     TRAIN_INDEX,
+    HnswParams,
+    Manifest,
+    read_manifest,
     sha256_of,
 )
 from app.retrieval import unit_rows
@@ -105,14 +107,7 @@ def encoder_to_onnx(encoder: EncoderWeights, name: str) -> onnx.ModelProto:
     return model
 
 
-@dataclass(frozen=True)
-class HnswSettings:
-    M: int = 32
-    ef_construction: int = 400
-    ef: int = 200
-
-
-def build_train_index(units: np.ndarray, settings: HnswSettings, seed: int = 0) -> hnswlib.Index:
+def build_train_index(units: np.ndarray, settings: HnswParams, seed: int = 0) -> hnswlib.Index:
     """HNSW cosine index over the 2N training embeddings; label a = pool row a."""
     index = hnswlib.Index(space="cosine", dim=units.shape[1])
     index.init_index(
@@ -152,7 +147,7 @@ def write_bundle(
     train_embeddings: np.ndarray,
     gallery: GalleryArrays,
     knn_k: int,
-    hnsw: HnswSettings = HnswSettings(),
+    hnsw: HnswParams | None = None,
     hyperparameters: dict | None = None,
     metrics: dict | None = None,
     extra_files: Callable[[Path], None] | None = None,
@@ -167,6 +162,7 @@ def write_bundle(
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    hnsw = hnsw or HnswParams()
     n_rows = train_embeddings.shape[0]
     if n_rows % 2:
         raise ValueError("train_embeddings must hold 2N rows: N images then N texts")
@@ -190,42 +186,26 @@ def write_bundle(
         files = {
             str(p.relative_to(tmp)): sha256_of(p) for p in sorted(tmp.rglob("*")) if p.is_file()
         }
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "dataset": dataset,
-            "input_dims": {"image": image_encoder.input_dim, "text": text_encoder.input_dim},
-            "common_dim": image_encoder.output_dim,
-            "n_train_pairs": n_rows // 2,
-            "knn_k": int(knn_k),
-            "hnsw": {
-                "space": "cosine",
-                "M": hnsw.M,
-                "ef_construction": hnsw.ef_construction,
-                "ef": hnsw.ef,
-            },
-            "files": files,
-            "hyperparameters": hyperparameters or {},
-            "metrics": metrics or {},
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "package_version": package_version(),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
+        Manifest(
+            format_version=FORMAT_VERSION,
+            dataset=dataset,
+            input_dims={"image": image_encoder.input_dim, "text": text_encoder.input_dim},
+            common_dim=image_encoder.output_dim,
+            n_train_pairs=n_rows // 2,
+            knn_k=int(knn_k),
+            hnsw=hnsw,
+            files=files,
+            hyperparameters=hyperparameters or {},
+            metrics=metrics or {},
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            package_version=package_version(),
+        ).write(tmp)
         _fsync_tree(tmp)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def _fsync_tree(root: Path) -> None:
@@ -273,8 +253,8 @@ def finalise_bundle(
     re-checksums, and renames atomically over `out_dir`.
     """
     staged, out_dir = Path(staged), Path(out_dir)
-    manifest = json.loads((staged / MANIFEST).read_text())
-    served = {name: manifest["files"][name] for name in manifest["files"]}
+    manifest = read_manifest(staged)
+    served = dict(manifest.files)
     if extra_files is not None:
         extra_files(staged)
     files = {
@@ -285,9 +265,9 @@ def finalise_bundle(
     changed = [name for name, digest in served.items() if files.get(name) != digest]
     if changed:
         raise RuntimeError(f"finalising must not alter evaluated files, but {changed} changed")
-    manifest["files"] = files
-    manifest["metrics"] = {**manifest.get("metrics", {}), **(metrics or {})}
-    (staged / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
+    manifest.model_copy(
+        update={"files": files, "metrics": {**manifest.metrics, **(metrics or {})}}
+    ).write(staged)
     _fsync_tree(staged)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _replace_dir(staged, out_dir)
