@@ -34,6 +34,7 @@ from app.client import (
     error_from_response,
     parse_retry_after,
 )
+from tests.support.service import free_port
 
 
 def error_body(kind: str, message: str, field: str | None = None) -> dict:
@@ -55,7 +56,6 @@ def error_body(kind: str, message: str, field: str | None = None) -> dict:
         (503, OverloadedError),
     ],
 )
-from tests.support.service import free_port
 def test_each_status_maps_to_its_exception_with_the_servers_message(status, cls):
     response = httpx.Response(
         status,
