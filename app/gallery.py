@@ -28,13 +28,11 @@ import numpy as np
 
 from app.ann import AnnIndex, AnnParams, certified_top_k, pool_basis, sparse_term_bound
 from app.retrieval import (
-    STORED_UNITS_DTYPE,
     ItemCodes,
     TrainingPool,
     cosine_scores,
     gallery_weight_matrix,
     profile_scores,
-    stored_units,
     top_k_by_id,
 )
 
@@ -143,9 +141,7 @@ class Gallery:
         self.n_rows = 0  # rows in use, dead or alive: [0, n_rows)
         self.neighbours = np.zeros((capacity, k), dtype=np.int32)
         self.weights = np.zeros((capacity, k), dtype=np.float32)
-        # float16: half the memory of the largest array; cosine scores these stored values
-        # (app.retrieval.stored_units), the evaluator too, so served is evaluated.
-        self.units = np.zeros((capacity, pool.dim), dtype=STORED_UNITS_DTYPE)
+        self.units = np.zeros((capacity, pool.dim), dtype=np.float32)
         self.alive = np.zeros(capacity, dtype=bool)
         self.ids: list[str | None] = [None] * capacity
         self.metadata: list[str | None] = [None] * capacity  # canonical JSON
@@ -235,14 +231,14 @@ class Gallery:
             self._index_metadata(row, metadata_json[i], add=True)
         self.neighbours[rows] = codes.neighbours
         self.weights[rows] = codes.weights
-        self.units[rows] = stored_units(units)
+        self.units[rows] = units
         self.alive[rows] = True
         if len(ids):
             self.max_weight = max(self.max_weight, float(codes.weights.max()))
         if self.ann is not None:
             self.ann.put(rows, codes.dense)
         if self.cosine_ann is not None:
-            self.cosine_ann.put(rows, self.units[rows])  # what cosine scores: the stored values
+            self.cosine_ann.put(rows, units)
 
     def remove(self, item_id: str) -> bool:
         row = self.row_of.pop(item_id, None)
@@ -318,7 +314,7 @@ class Gallery:
         """(Q, rows) exact scores; rows None: every slot [0, n_rows), dead ones at -inf."""
         picked = slice(0, self.n_rows) if rows is None else rows
         if similarity == "cosine":
-            scores = cosine_scores(queries.units, self.units[picked])  # chunked: float16 in
+            scores = cosine_scores(queries.units, self.units[picked])
         else:
             assert queries.profile is not None, "knn scores need the query profiles"
             weights = gallery_weight_matrix(

@@ -21,7 +21,6 @@ from app.retrieval import (
     item_codes,
     knn_scores,
     mean_average_precision,
-    stored_units,
     unit_rows,
 )
 from training.baselines import CCA
@@ -74,14 +73,9 @@ def knn_and_cosine_map50(
     return knn["mean_map50"], cosine["mean_map50"]
 
 
-def cosine_score_pair(
-    image_units: np.ndarray, text_units: np.ndarray, as_served: bool = False
-) -> ScorePair:
-    """Cosine both ways; as_served: each gallery as the service keeps it (float16,
-    app.retrieval.stored_units), for the rows that describe the service."""
-    image_gallery = stored_units(image_units) if as_served else image_units
-    text_gallery = stored_units(text_units) if as_served else text_units
-    return cosine_scores(image_units, text_gallery), cosine_scores(text_units, image_gallery)
+def cosine_score_pair(image_units: np.ndarray, text_units: np.ndarray) -> ScorePair:
+    scores = cosine_scores(image_units, text_units)
+    return scores, np.ascontiguousarray(scores.T)
 
 
 Neighbours = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
@@ -197,7 +191,7 @@ def evaluate(bundle: Bundle, dataset: Dataset, split_name: str = "test") -> Eval
     image_codes, text_codes = bundle.codes(image_units), bundle.codes(text_units)
     scores = {
         "cdpae_knn": knn_score_pair(bundle.pool, image_codes, text_codes),
-        "cdpae_cosine": cosine_score_pair(image_units, text_units, as_served=True),
+        "cdpae_cosine": cosine_score_pair(image_units, text_units),
     }
     # CCA is fitted on the very pairs the bundle's model was trained on.
     refit = bundle.manifest.hyperparameters.get("trained_on") == TRAIN_PLUS_VALIDATION
