@@ -22,10 +22,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from app.ann import AnnParams
-from app.bundle import MODALITIES, Bundle, Modality
+from app.bundle import MANIFEST, MODALITIES, Bundle, Modality, sha256_of
 from app.gallery import Gallery, Hit, QueryBatch, SearchMode, Similarity
-from app.gallery_store import GalleryStore, StoredItem
-from app.retrieval import ItemCodes, query_profile
+from app.retrieval import query_profile
+from app.store import Derived, GalleryStore, StoredItem
+from app.store.changes import ChangeFollower
 from app.validation import feature_matrix, finite_embeddings
 
 log = logging.getLogger("cdpae.engine")
@@ -53,6 +54,10 @@ class Engine:
         }
         # One writer per modality at a time, so the store and memory see writes in one order.
         self._writers = {m: threading.Lock() for m in MODALITIES}
+        # The bundle's identity: derived data in the store is keyed by it.
+        self.bundle_key = sha256_of(bundle.path / MANIFEST)
+        self._applied: dict[Modality, int] = dict.fromkeys(MODALITIES, 0)  # change log position
+        self.follower: ChangeFollower | None = None
         self._paths_lock = threading.Lock()  # searches in several threads count paths
         self._search_paths: Counter[str] = Counter()  # exact / approximate / uncertified
 
@@ -93,43 +98,129 @@ class Engine:
         return seeded
 
     def load(self) -> None:
-        """Rebuild the in-memory galleries from the store (startup)."""
+        """Rebuild the in-memory galleries from the store (startup), then follow it.
+
+        Items whose derived data for this bundle is stored are loaded as they are; the others
+        (first start, a new bundle) are embedded once and their derived data written back.
+        """
+        embedded = 0
         for modality in MODALITIES:
             gallery = self.galleries[modality]
             started = time.perf_counter()
+            # Read before the items: what commits during the load is caught up afterwards.
+            self._applied[modality] = self.store.last_seq()
             with gallery.lock.write():  # room for everything at once: no doubling copies
                 gallery.reserve(self.store.count(modality) + 1024)
-            for chunk in self.store.iter_items(modality, chunk=_EMBED_CHUNK):
-                self._apply_put(gallery, modality, chunk)
+            for chunk in self.store.iter_items(
+                modality, chunk=_EMBED_CHUNK, bundle_key=self.bundle_key
+            ):
+                embedded += self._apply_items(gallery, modality, chunk, write_back=True)
                 if len(gallery) % (16 * _EMBED_CHUNK) < _EMBED_CHUNK:
                     log.info("%s gallery: %d items loaded", modality, len(gallery))
             log.info(
-                "%s gallery: %d items in %.1f s",
+                "%s gallery: %d items in %.1f s (%d embedded, the rest loaded)",
                 modality,
                 len(gallery),
                 time.perf_counter() - started,
+                embedded,
             )
             if self._wants_ann(gallery):
                 with gallery.lock.write():
                     gallery.build_ann(self.ann_params)
+        if embedded:
+            # Every item now has this bundle's derived data: other bundles' can go.
+            self.store.drop_derived_except(self.bundle_key)
+        if getattr(self.store, "shared", False):
+            self._follow()
 
-    def _apply_put(self, gallery: Gallery, modality: Modality, items: Sequence[StoredItem]) -> None:
-        features = np.stack([it.vector for it in items])
-        # Bulk work at startup: let hnswlib use every core for the training-pool kNN.
-        units, codes = self._codes(modality, features, num_threads=os.cpu_count() or 1)
+    def _apply_items(
+        self, gallery: Gallery, modality: Modality, items: Sequence[StoredItem], write_back: bool
+    ) -> int:
+        """Put items into memory, embedding those without stored derived data; how many were
+        embedded. write_back: store what was computed (the load; a follower leaves it to the
+        replica that wrote the item)."""
+        k, dim = self.bundle.knn_k, self.bundle.pool.dim
+        derived = Derived(
+            np.empty((len(items), k), dtype=np.int32),
+            np.empty((len(items), k), dtype=np.float32),
+            np.empty((len(items), dim), dtype=np.float32),
+        )
+        stored = [i for i, it in enumerate(items) if it.derived is not None]
+        if stored:
+            derived.assign(stored, Derived.decode([items[i].derived or b"" for i in stored], k))
+        missing = [i for i, it in enumerate(items) if it.derived is None]
+        if missing:
+            features = np.stack([items[i].vector for i in missing])
+            # Bulk work: let hnswlib use every core for the training-pool kNN.
+            computed = self._derive(modality, features, num_threads=os.cpu_count() or 1)
+            if write_back:
+                self.store.put_derived(
+                    self.bundle_key, modality, [items[i].id for i in missing], computed
+                )
+            derived.assign(missing, computed)
         with gallery.lock.write():
             gallery.put(
                 [it.id for it in items],
-                codes,
-                units,
+                derived,
                 [json.dumps(it.metadata, sort_keys=True) for it in items],
             )
+        return len(missing)
 
-    def _codes(
-        self, modality: Modality, features: np.ndarray, num_threads: int = 1
-    ) -> tuple[np.ndarray, ItemCodes]:
+    def _derive(self, modality: Modality, features: np.ndarray, num_threads: int = 1) -> Derived:
         units = self._embed(modality, features, "items[{i}].vector")
-        return units, self.bundle.codes(units, num_threads=num_threads)
+        codes = self.bundle.codes(units, num_threads=num_threads)
+        return Derived(codes.neighbours.astype(np.int32), codes.weights, units)
+
+    # --- following a shared store -------------------------------------------------------------
+
+    def _follow(self) -> None:
+        url = getattr(self.store, "url", None)
+        if url is None or self.follower is not None:
+            return
+        self.follower = ChangeFollower(url, self.catch_up)
+        self.follower.start()
+
+    @property
+    def stale(self) -> str | None:
+        """Why the galleries may lag the store (it can't be reached), or None."""
+        return None if self.follower is None else self.follower.error
+
+    def catch_up(self) -> int:
+        """Apply the store's changes after the last one applied; how many were applied.
+
+        Under each modality's writer lock, so a local write and a caught-up change never
+        interleave: each change is applied as the item's state now (present or gone), which
+        is idempotent and converges whatever the order of notifications.
+        """
+        applied = 0
+        for modality in MODALITIES:
+            gallery = self.galleries[modality]
+            with self._writers[modality]:
+                while True:
+                    changes = self.store.changes_since(
+                        modality, self._applied[modality], bundle_key=self.bundle_key
+                    )
+                    if not changes:
+                        break
+                    latest: dict[str, StoredItem | None] = {c.id: c.item for c in changes}
+                    present = [item for item in latest.values() if item is not None]
+                    if present:
+                        self._apply_items(gallery, modality, present, write_back=False)
+                    gone = [i for i, item in latest.items() if item is None]
+                    if gone:
+                        with gallery.lock.write():
+                            for item_id in gone:
+                                gallery.remove(item_id)
+                    self._applied[modality] = changes[-1].seq
+                    applied += len(changes)
+                    if self._wants_ann(gallery):
+                        with gallery.lock.write():
+                            gallery.build_ann(self.ann_params)
+        return applied
+
+    def close(self) -> None:
+        if self.follower is not None:
+            self.follower.stop()
 
     def _wants_ann(self, gallery: Gallery) -> bool:
         return (
@@ -195,14 +286,16 @@ class Engine:
     def upsert(
         self, modality: Modality, ids: Sequence[str], features: np.ndarray, metadata: Sequence[dict]
     ) -> int:
-        """Embed (outside any lock), commit to the store, then update memory. Returns the count."""
-        units, codes = self._codes(modality, features)
+        """Embed (outside any lock), commit to the store with the derived data, then update
+        memory (read-your-writes on this replica). Returns the count."""
+        derived = self._derive(modality, features)
         gallery = self.galleries[modality]
         metadata_json = [json.dumps(m, sort_keys=True) for m in metadata]
         with self._writers[modality]:
-            self.store.upsert(modality, list(zip(ids, features, metadata, strict=True)))
+            rows = list(zip(ids, features, metadata, strict=True))
+            self.store.upsert(modality, rows, derived, self.bundle_key)
             with gallery.lock.write():
-                gallery.put(ids, codes, units, metadata_json)
+                gallery.put(ids, derived, metadata_json)
                 if self._wants_ann(gallery):
                     gallery.build_ann(self.ann_params)
                 return len(gallery)

@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.gallery_store import StoreFullError
+from app.store import StoreFullError, StoreUnavailableError
 from app.validation import InvalidInput
 
 log = logging.getLogger("cdpae.service")
@@ -130,6 +130,16 @@ def install_error_handlers(app: FastAPI) -> None:
             507,
             "insufficient_storage",
             "the gallery store's disk is full; the write was not applied (reads still work)",
+        )
+
+    @app.exception_handler(StoreUnavailableError)
+    async def _store_unavailable(request: Request, exc: StoreUnavailableError) -> JSONResponse:
+        log.error("write refused: %s", exc)
+        return error_response(
+            503,
+            "unavailable",
+            f"the gallery database is unreachable; the write was not applied: {exc}",
+            headers={"Retry-After": "2"},
         )
 
     @app.exception_handler(Exception)

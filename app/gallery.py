@@ -35,6 +35,7 @@ from app.retrieval import (
     profile_scores,
     top_k_by_id,
 )
+from app.store.base import Derived
 
 log = logging.getLogger("cdpae.gallery")
 
@@ -204,14 +205,8 @@ class Gallery:
                     if not values:
                         del self.by_value[key]
 
-    def put(
-        self,
-        ids: Sequence[str],
-        codes: ItemCodes,
-        units: np.ndarray,
-        metadata_json: Sequence[str],
-    ) -> None:
-        """Insert or replace items."""
+    def put(self, ids: Sequence[str], derived: Derived, metadata_json: Sequence[str]) -> None:
+        """Insert or replace items, given their kNN codes and unit embeddings."""
         rows = np.empty(len(ids), dtype=np.int64)
         for i, item_id in enumerate(ids):
             row = self.row_of.get(item_id)
@@ -229,16 +224,16 @@ class Gallery:
             self.ids[row] = item_id
             self.metadata[row] = metadata_json[i]
             self._index_metadata(row, metadata_json[i], add=True)
-        self.neighbours[rows] = codes.neighbours
-        self.weights[rows] = codes.weights
-        self.units[rows] = units
+        self.neighbours[rows] = derived.neighbours
+        self.weights[rows] = derived.weights
+        self.units[rows] = derived.units
         self.alive[rows] = True
         if len(ids):
-            self.max_weight = max(self.max_weight, float(codes.weights.max()))
+            self.max_weight = max(self.max_weight, float(derived.weights.max()))
         if self.ann is not None:
-            self.ann.put(rows, codes.dense)
+            self.ann.put(rows, self.dense_codes(rows))
         if self.cosine_ann is not None:
-            self.cosine_ann.put(rows, units)
+            self.cosine_ann.put(rows, derived.units)
 
     def remove(self, item_id: str) -> bool:
         row = self.row_of.pop(item_id, None)

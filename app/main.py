@@ -19,10 +19,10 @@ from app.ann import AnnParams
 from app.bundle import MODALITIES, Bundle, load_bundle
 from app.engine import Engine
 from app.errors import install_error_handlers
-from app.gallery_store import GalleryStore
 from app.metrics import ServiceMetrics, ServiceMiddleware
 from app.routes import gallery, health, search
 from app.settings import Settings
+from app.store import open_store
 
 log = logging.getLogger("cdpae.service")
 
@@ -41,7 +41,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = app.state
         loaded = bundle if bundle is not None else load_bundle(settings.bundle)
-        store = GalleryStore(settings.data_dir)
+        store = open_store(settings.store, settings.data_dir)
         engine = Engine(
             loaded,
             store,
@@ -84,6 +84,7 @@ def create_app(
         finally:
             if background_load:
                 loader.join(timeout=5)
+            engine.close()
             store.close()
 
     app = FastAPI(

@@ -41,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="TCP port (CDPAE_PORT, default 8000)")
     p.add_argument("--data-dir", type=Path, help="gallery store directory (CDPAE_DATA_DIR)")
     p.add_argument(
+        "--store",
+        help="postgresql://USER@HOST:PORT/DB to keep the gallery in PostgreSQL, shared by "
+        "replicas (CDPAE_STORE; default: the SQLite file under --data-dir)",
+    )
+    p.add_argument(
         "--print-example", action="store_true", help="print a ready-to-paste curl query once ready"
     )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -83,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             "host": args.host,
             "port": args.port,
             "data_dir": args.data_dir,
+            "store": args.store,
             "log_level": args.log_level,
         }.items()
         if value is not None

@@ -18,6 +18,11 @@ class Settings(BaseSettings):
 
     bundle: Path = Field(Path("models/wikipedia"), description="bundle directory to serve")
     data_dir: Path = Field(Path("var"), description="where the gallery store (SQLite) lives")
+    store: str | None = Field(
+        None,
+        description="postgresql://USER@HOST:PORT/DB: the gallery in PostgreSQL, shared by "
+        "replicas; unset: the SQLite file under data_dir",
+    )
     host: str = Field("127.0.0.1", description="interface uvicorn binds to")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
     api_key: SecretStr | None = Field(None, description="if set, gallery writes need it")

@@ -35,13 +35,13 @@ import httpx
 import numpy as np
 
 from app.bundle import load_bundle
-from app.gallery_store import GalleryStore
 from app.retrieval import (
     gallery_weight_matrix,
     profile_scores,
     query_profile,
     top_k,
 )
+from app.store import SqliteStore
 from tests.support.reference import literal_code_scores
 from tests.support.service import Server
 
@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def fill_store(data_dir: Path, bundle_dir: Path, size: int, seed: int = 0) -> float:
     """A store with `size` text items (real + synthetic) and the real test images; seconds."""
     marker = f"bench-{size}-{seed}"
-    probe = GalleryStore(data_dir)
+    probe = SqliteStore(data_dir)
     try:
         if probe.get_meta("seeded") == marker:
             return 0.0
@@ -63,7 +63,7 @@ def fill_store(data_dir: Path, bundle_dir: Path, size: int, seed: int = 0) -> fl
     with np.load(bundle_dir / "default_gallery.npz") as g:
         ids, cats, image, text = g["ids"], g["categories"], g["image"], g["text"]
     rng = np.random.default_rng(seed)
-    store = GalleryStore(data_dir)
+    store = SqliteStore(data_dir)
     texts = [(str(i), v, {"category": str(c)}) for i, v, c in zip(ids, text, cats, strict=True)]
     images = [(str(i), v, {"category": str(c)}) for i, v, c in zip(ids, image, cats, strict=True)]
     std = text.std(axis=0)
@@ -160,7 +160,7 @@ def literal_seconds(
     need = 8 * (two_n * two_n * 2 + size * two_n + two_n)  # H (+ its product temp), W_g, W_q
     if need > max_gb * 1e9:
         return None, need, None
-    store = GalleryStore(data_dir)
+    store = SqliteStore(data_dir)
     features = np.concatenate(
         [np.stack([it.vector for it in chunk]) for chunk in store.iter_items("text", 50_000)]
     )

@@ -22,3 +22,44 @@ def client(synthetic_bundle, tmp_path):
     """The service in-process on the synthetic bundle, with a fresh (seeded) gallery."""
     with service(synthetic_bundle, tmp_path / "data") as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One throwaway PostgreSQL server for the session (skipped where none is installed)."""
+    from tests.support.postgres import PostgresServer, postgres_bin
+
+    if postgres_bin() is None:
+        pytest.skip("PostgreSQL binaries are not installed")
+    server = PostgresServer()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def postgres_url(postgres_server, request) -> str:
+    """A fresh database on the session's server, named after the test."""
+    import re
+    import uuid
+
+    name = re.sub(r"\W", "_", request.node.name)[:40].lower() + "_" + uuid.uuid4().hex[:6]
+    return postgres_server.create_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_factory(request, tmp_path):
+    """Opens stores of one kind on one location (called again: a second handle, a restart)."""
+    from app.store import open_store
+
+    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else None
+    opened = []
+
+    def open_one():
+        store = open_store(url, tmp_path / "store")
+        opened.append(store)
+        return store
+
+    open_one.kind = request.param
+    yield open_one
+    for store in opened:
+        store.close()

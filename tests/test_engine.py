@@ -11,7 +11,7 @@ import pytest
 from app.ann import AnnParams
 from app.bundle import load_bundle
 from app.engine import Engine
-from app.gallery_store import GalleryStore
+from app.store import SqliteStore
 from tests.support.reference import literal_scores
 from tests.support.service import service
 
@@ -46,7 +46,7 @@ def test_service_scores_equal_the_literal_formula(synthetic_bundle, tmp_path):
 
 @pytest.fixture
 def engine(synthetic_bundle, tmp_path):
-    store = GalleryStore(tmp_path / "store")
+    store = SqliteStore(tmp_path / "store")
     eng = Engine(load_bundle(synthetic_bundle), store, ann_min_items=0)
     eng.seed_if_empty()
     eng.load()

@@ -14,7 +14,7 @@ import numpy as np
 from app.ann import AnnParams
 from app.bundle import load_bundle
 from app.engine import Engine
-from app.gallery_store import GalleryStore
+from app.store import SqliteStore
 
 N_IDS = 24  # contested ids, split between the writer threads (one writer per id: a history)
 WRITERS = 2
@@ -42,7 +42,7 @@ def _history_state(events: list[Event], t0: float, t1: float) -> tuple[bool, boo
 
 def test_searches_during_contested_writes(synthetic_bundle, tmp_path):
     bundle = load_bundle(synthetic_bundle)
-    store = GalleryStore(tmp_path / "data")
+    store = SqliteStore(tmp_path / "data")
     engine = Engine(bundle, store, ann_params=AnnParams(candidates=8), ann_min_items=0)
     engine.seed_if_empty()
     engine.load()

@@ -46,7 +46,9 @@ def _search(
         + "]}"
         for hits in results
     )
-    return Response('{"results":[' + payload + "]}", media_type="application/json")
+    # A replica that can't reach a shared store answers from memory and says so.
+    headers = {"X-Gallery-Stale": "true"} if engine.stale else None
+    return Response('{"results":[' + payload + "]}", media_type="application/json", headers=headers)
 
 
 @router.post(

@@ -25,7 +25,7 @@ from urllib.parse import quote
 
 import httpx
 
-from app.gallery_store import STORE_FILE
+from app.store import STORE_FILE
 from tests.support.service import Server
 
 MODALITIES = ("image", "text")
