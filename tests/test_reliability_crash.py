@@ -31,6 +31,17 @@ def test_sigkill_loses_no_acknowledged_write(synthetic_bundle, tmp_path):
     assert report.acked_upserts > 10 * KILLS and report.acked_deletes > KILLS, report.summary()
 
 
+@pytest.mark.slow
+def test_sigkill_loses_no_acknowledged_write_to_postgres(synthetic_bundle, tmp_path, postgres_url):
+    report = run_crash_rounds(
+        synthetic_bundle, tmp_path / "data", tmp_path / "logs", KILLS, store=postgres_url
+    )
+    print(report.summary())
+    assert report.kills == KILLS
+    assert report.problems == [], report.problems[:5]
+    assert report.acked_upserts > 10 * KILLS and report.acked_deletes > KILLS, report.summary()
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 2 MB tmpfs mounted for the test (root only); skipped where mounting is not allowed."""

@@ -84,7 +84,7 @@ class PostgresStore:
 
     shared = True  # others write too: follow the change log (app.store.changes)
 
-    def __init__(self, url: str, *, pool_size: int = 4, timeout: float = 5.0) -> None:
+    def __init__(self, url: str, *, pool_size: int = 4, timeout: float = 2.0) -> None:
         self.url = url
         self._pool = ConnectionPool(
             url,

