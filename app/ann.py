@@ -113,7 +113,10 @@ class AnnIndex:
         )
 
     def remove(self, row: int) -> None:
-        self.index.mark_deleted(row)
+        try:
+            self.index.mark_deleted(row)
+        except RuntimeError:  # never added (a row that came and went while building)
+            return
         self.deleted.add(row)
 
     def size_bytes(self) -> int:

@@ -125,8 +125,13 @@ class Engine:
                 embedded,
             )
             if self._wants_ann(gallery):
-                with gallery.lock.write():
-                    gallery.build_ann(self.ann_params)
+                # Ready without them: searches take the exact path until they are built.
+                threading.Thread(
+                    target=gallery.build_ann_in_background,
+                    args=(self.ann_params,),
+                    name=f"ann-{modality}",
+                    daemon=True,
+                ).start()
         if embedded:
             # Every item now has this bundle's derived data: other bundles' can go.
             self.store.drop_derived_except(self.bundle_key)
@@ -223,9 +228,8 @@ class Engine:
             self.follower.stop()
 
     def _wants_ann(self, gallery: Gallery) -> bool:
-        return (
-            gallery.ann is None and bool(self.ann_min_items) and len(gallery) >= self.ann_min_items
-        )
+        big = bool(self.ann_min_items) and len(gallery) >= self.ann_min_items
+        return big and gallery.ann is None and not gallery.building_ann
 
     # --- validation ---------------------------------------------------------------------------
 
@@ -269,9 +273,9 @@ class Engine:
             mode == "approximate"
             or (mode == "auto" and bool(self.ann_min_items) and len(gallery) >= self.ann_min_items)
         )
-        if approximate and gallery.ann is None:
+        if approximate and gallery.ann is None and not gallery.building_ann:
             with gallery.lock.write():
-                if gallery.ann is None:
+                if gallery.ann is None and not gallery.building_ann:
                     gallery.build_ann(self.ann_params)
         with gallery.lock.read():
             if approximate and gallery.ann is not None:

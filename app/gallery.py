@@ -153,6 +153,8 @@ class Gallery:
         self.max_weight = 0.0  # largest w_g(b) ever stored: bounds the sparse term (app.ann)
         self.ann: AnnIndex | None = None  # knn: over the m_g
         self.cosine_ann: AnnIndex | None = None  # cosine: over the unit embeddings
+        # While indexes are built in the background: the rows changed since the build began.
+        self._changed_during_build: set[int] | None = None
 
     def __len__(self) -> int:
         return len(self.row_of)
@@ -234,6 +236,8 @@ class Gallery:
             self.ann.put(rows, self.dense_codes(rows))
         if self.cosine_ann is not None:
             self.cosine_ann.put(rows, derived.units)
+        if self._changed_during_build is not None:
+            self._changed_during_build.update(rows.tolist())
 
     def remove(self, item_id: str) -> bool:
         row = self.row_of.pop(item_id, None)
@@ -247,14 +251,65 @@ class Gallery:
         for index in (self.ann, self.cosine_ann):
             if index is not None:
                 index.remove(row)
+        if self._changed_during_build is not None:
+            self._changed_during_build.add(row)
         return True
 
     def build_ann(self, params: AnnParams) -> None:
-        """Index every live row's m_g (knn) and unit embedding (cosine); logs progress
-        (minutes at 1M items)."""
+        """Index every live row's m_g (knn) and unit embedding (cosine), under the write lock
+        the caller holds; logs progress (minutes at 1M items)."""
         basis = pool_basis(self.pool.units, params.dim)
         self.ann = self._build_index("knn", params, basis, self.dense_codes)
         self.cosine_ann = self._build_index("cosine", params, basis, lambda rows: self.units[rows])
+
+    def build_ann_in_background(self, params: AnnParams) -> None:
+        """The same indexes built WITHOUT holding the lock across the build (call it from a
+        thread of its own; the caller does not hold the lock): searches and writes go on,
+        exact, meanwhile. Rows are copied a chunk at a time under the read lock; rows that
+        change after their chunk was copied are re-applied when the indexes are installed."""
+        started = time.perf_counter()
+        basis = pool_basis(self.pool.units, params.dim)
+        with self.lock.write():
+            self._changed_during_build = set()
+            capacity = max(self.capacity, 16)
+        knn = AnnIndex(self.pool.dim, capacity, params, basis)
+        cosine = AnnIndex(self.pool.dim, capacity, params, basis)
+        threads = max(1, min(4, os.cpu_count() or 1))
+        start = 0
+        while True:
+            with self.lock.read():
+                end = min(start + 16384, self.n_rows)
+                rows = start + np.flatnonzero(self.alive[start:end])
+                dense = self.dense_codes(rows)
+                units = self.units[rows].copy()
+            if start >= end:
+                break
+            knn.put(rows, dense, num_threads=threads)
+            cosine.put(rows, units, num_threads=threads)
+            start = end
+        with self.lock.write():
+            changed = np.array(sorted(self._changed_during_build or ()), dtype=np.int64)
+            self._changed_during_build = None
+            alive = changed[self.alive[changed]] if len(changed) else changed
+            for index in (knn, cosine):
+                for row in changed[~self.alive[changed]].tolist() if len(changed) else []:
+                    index.remove(row)
+            if len(alive):
+                knn.put(alive, self.dense_codes(alive))
+                cosine.put(alive, self.units[alive])
+            self.ann, self.cosine_ann = knn, cosine
+        log.info(
+            "%s gallery: ANN indexes of %d items built in the background in %.1f s "
+            "(%d rows changed meanwhile)",
+            self.modality,
+            len(self),
+            time.perf_counter() - started,
+            len(changed),
+        )
+
+    @property
+    def building_ann(self) -> bool:
+        return self._changed_during_build is not None
 
     def _build_index(
         self,

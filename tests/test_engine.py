@@ -171,3 +171,32 @@ def test_pool_profile_form_equals_dense_plus_sparse(k):
     served = knn_scores(pool, q, g)
     np.testing.assert_allclose(served, dense_plus_sparse_scores(pool, q, g), atol=1e-6)
     np.testing.assert_allclose(served, literal_code_scores(pool, q, g), atol=1e-6)
+
+
+def test_indexes_built_in_the_background_miss_no_change_made_meanwhile(engine):
+    """Writes and searches go on while the ANN indexes are built without the lock; what
+    changed meanwhile is in the installed indexes (and what was deleted is not)."""
+    rng = np.random.default_rng(4)
+    engine.upsert("text", *_random_text_items(3000, rng))
+    gallery = engine.galleries["text"]
+    assert gallery.ann is None
+    slow = AnnParams(M=48, ef_construction=800)  # a build long enough to write during
+    builder = threading.Thread(target=gallery.build_ann_in_background, args=(slow,))
+    builder.start()
+    queries = rng.normal(size=(5, 16)).astype(np.float32)
+    changed = during = 0
+    while builder.is_alive() or changed < 20:
+        engine.delete("text", f"t-{changed}")
+        engine.upsert("text", [f"late-{changed}"], rng.normal(size=(1, 8)).astype(np.float32), [{}])
+        engine.search("image", queries, 10)  # exact meanwhile
+        changed += 1
+        during += builder.is_alive()
+    builder.join()
+    assert during >= 1  # some changes really happened while the indexes were being built
+    assert gallery.ann is not None and not gallery.building_ann
+    for similarity in ("knn", "cosine"):
+        everything = engine.search("image", queries[:1], 4000, similarity, mode="approximate")[0]
+        ids = {h.id for h in everything}
+        assert {f"late-{i}" for i in range(changed)} <= ids
+        assert not {f"t-{i}" for i in range(changed)} & ids
+        assert len(ids) == engine.count("text")
