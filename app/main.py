@@ -116,11 +116,11 @@ def create_app(
     return app
 
 
-def _gallery_stats(app: FastAPI) -> list[tuple[str, int, int]]:
+def _gallery_stats(app: FastAPI) -> list[tuple[str, int, int, bool]]:
     engine: Engine | None = app.state.engine
     if engine is None:
         return []
-    return [(m, len(g), g.nbytes()) for m, g in engine.galleries.items()]
+    return [(m, len(g), g.nbytes(), g.building_ann) for m, g in engine.galleries.items()]
 
 
 def _neighbour_search(app: FastAPI) -> str | None:

@@ -54,7 +54,7 @@ class RequestIdFilter(logging.Filter):
 class ServiceMetrics:
     def __init__(
         self,
-        gallery_stats: Callable[[], Iterable[tuple[str, int, int]]],
+        gallery_stats: Callable[[], Iterable[tuple[str, int, int, bool]]],
         search_paths: Callable[[], dict[str, int]],
         neighbour_search: Callable[[], str | None] = lambda: None,
     ) -> None:
@@ -80,7 +80,7 @@ class _EngineCollector(Collector):
 
     def __init__(
         self,
-        gallery_stats: Callable[[], Iterable[tuple[str, int, int]]],
+        gallery_stats: Callable[[], Iterable[tuple[str, int, int, bool]]],
         search_paths: Callable[[], dict[str, int]],
         neighbour_search: Callable[[], str | None],
     ) -> None:
@@ -97,9 +97,15 @@ class _EngineCollector(Collector):
             "bytes of the gallery's arrays and ANN index",
             labels=["modality"],
         )
-        for modality, count, nbytes in self._gallery_stats():
+        building = GaugeMetricFamily(
+            "cdpae_gallery_ann_building",
+            "1 while the gallery's ANN indexes are built in the background (searches exact)",
+            labels=["modality"],
+        )
+        for modality, count, nbytes, is_building in self._gallery_stats():
             items.add_metric([modality], count)
             size.add_metric([modality], nbytes)
+            building.add_metric([modality], float(is_building))
         paths = GaugeMetricFamily(
             "cdpae_search_queries_by_path",
             "query vectors answered by each path since start (exact, approximate: certified by "
@@ -120,6 +126,7 @@ class _EngineCollector(Collector):
                 method.add_metric([name], float(name == in_use))
         yield items
         yield size
+        yield building
         yield paths
         yield method
 

@@ -201,6 +201,7 @@ def bench_size(args: argparse.Namespace, size: int, queries: np.ndarray) -> dict
     try:
         result["startup_s"] = round(server.wait_ready(args.startup_timeout), 1)
         print(f"  ready in {result['startup_s']} s", flush=True)
+        result["ann_built_s"] = round(result["startup_s"] + _wait_for_ann(server.url), 1)
         n_single = min(args.queries, len(queries))
         with httpx.Client(base_url=server.url, timeout=600) as http:
             count = http.get("/gallery/text").json()["count"]
@@ -267,6 +268,18 @@ def bench_size(args: argparse.Namespace, size: int, queries: np.ndarray) -> dict
         flush=True,
     )
     return result
+
+
+def _wait_for_ann(url: str, timeout: float = 3600) -> float:
+    """Seconds until no ANN index is being built in the background (measure the served
+    paths, not the exact fallback of a gallery still indexing)."""
+    started = time.monotonic()
+    while time.monotonic() < started + timeout:
+        metrics = httpx.get(f"{url}/metrics").text
+        if not _gauge(metrics, 'cdpae_gallery_ann_building{modality="text"}'):
+            return time.monotonic() - started
+        time.sleep(0.5)
+    raise TimeoutError("ANN indexes still building")
 
 
 def _gauge(metrics: str, name: str) -> int:

@@ -209,6 +209,7 @@ def test_request_id_and_metrics(client):
         in text
     )
     assert 'cdpae_gallery_items{modality="text"} 30.0' in text
+    assert 'cdpae_gallery_ann_building{modality="text"} 0.0' in text
     assert 'cdpae_search_queries_by_path{path="exact"} 1.0' in text
     # the synthetic bundle's 120 training items are scanned, not searched through HNSW
     assert 'cdpae_training_neighbour_search{method="exact"} 1.0' in text
