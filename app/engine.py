@@ -103,10 +103,11 @@ class Engine:
         Items whose derived data for this bundle is stored are loaded as they are; the others
         (first start, a new bundle) are embedded once and their derived data written back.
         """
-        embedded = 0
+        embedded_total = 0
         for modality in MODALITIES:
             gallery = self.galleries[modality]
             started = time.perf_counter()
+            embedded = 0
             # Read before the items: what commits during the load is caught up afterwards.
             self._applied[modality] = self.store.last_seq()
             with gallery.lock.write():  # room for everything at once: no doubling copies
@@ -124,6 +125,7 @@ class Engine:
                 time.perf_counter() - started,
                 embedded,
             )
+            embedded_total += embedded
             if self._wants_ann(gallery):
                 # Ready without them: searches take the exact path until they are built.
                 threading.Thread(
@@ -132,7 +134,7 @@ class Engine:
                     name=f"ann-{modality}",
                     daemon=True,
                 ).start()
-        if embedded:
+        if embedded_total:
             # Every item now has this bundle's derived data: other bundles' can go.
             self.store.drop_derived_except(self.bundle_key)
         if getattr(self.store, "shared", False):
