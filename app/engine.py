@@ -24,7 +24,7 @@ import numpy as np
 from app.ann import AnnParams
 from app.bundle import MANIFEST, MODALITIES, Bundle, Modality, sha256_of
 from app.gallery import Gallery, Hit, QueryBatch, SearchMode, Similarity
-from app.retrieval import query_profile
+from app.retrieval import neighbour_weights, query_profile
 from app.store import Derived, GalleryStore, StoredItem
 from app.store.changes import ChangeFollower
 from app.validation import feature_matrix, finite_embeddings
@@ -175,8 +175,11 @@ class Engine:
 
     def _derive(self, modality: Modality, features: np.ndarray, num_threads: int = 1) -> Derived:
         units = self._embed(modality, features, "items[{i}].vector")
-        codes = self.bundle.codes(units, num_threads=num_threads)
-        return Derived(codes.neighbours.astype(np.int32), codes.weights, units)
+        # A gallery item needs its neighbours and weights, not m_g (item_codes' dense part,
+        # a quarter of the embedding time): the ANN index derives m_g when it is built.
+        ids, z = self.bundle.neighbours(units, num_threads=num_threads)
+        weights = neighbour_weights(z).astype(np.float32)
+        return Derived(ids.astype(np.int32), weights, units)
 
     # --- following a shared store -------------------------------------------------------------
 

@@ -128,12 +128,17 @@ class ItemCodes:
         return self.dense.shape[0]
 
 
+def neighbour_weights(neighbour_z: np.ndarray) -> np.ndarray:
+    """w_x(a) = Z(x, e_a) / sum_b Z(x, e_b) over each row's k neighbours, (n, k) float64."""
+    z = np.asarray(neighbour_z, dtype=np.float64)
+    # Z is in [0, 1]; a row of zeros only happens for exact antipodes, so keep it finite.
+    return z / np.maximum(z.sum(axis=1, keepdims=True), _NORM_FLOOR)
+
+
 def item_codes(pool: TrainingPool, neighbour_ids: np.ndarray, neighbour_z: np.ndarray) -> ItemCodes:
     """Code items from their k nearest training items and Z similarities to them."""
     ids = np.asarray(neighbour_ids, dtype=np.int64)
-    z = np.asarray(neighbour_z, dtype=np.float64)
-    # Z is in [0, 1]; a row of zeros only happens for exact antipodes, so keep it finite.
-    weights = z / np.maximum(z.sum(axis=1, keepdims=True), _NORM_FLOOR)
+    weights = neighbour_weights(neighbour_z)
     # m_x = W_x U as a sparse product: gathering pool.units[ids] first would materialise an
     # (n, k, C) array (3 GB for 4096 items at k=100, C=1024).
     n, k = ids.shape
