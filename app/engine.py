@@ -18,6 +18,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,8 +27,10 @@ from app.bundle import MANIFEST, MODALITIES, Bundle, Modality, sha256_of
 from app.gallery import Gallery, Hit, QueryBatch, SearchMode, Similarity
 from app.retrieval import neighbour_weights, query_profile
 from app.store import Derived, GalleryStore, StoredItem
-from app.store.changes import ChangeFollower
 from app.validation import feature_matrix, finite_embeddings
+
+if TYPE_CHECKING:
+    from app.store.changes import ChangeFollower
 
 log = logging.getLogger("cdpae.engine")
 
@@ -57,7 +60,7 @@ class Engine:
         # The bundle's identity: derived data in the store is keyed by it.
         self.bundle_key = sha256_of(bundle.path / MANIFEST)
         self._applied: dict[Modality, int] = dict.fromkeys(MODALITIES, 0)  # change log position
-        self.follower: ChangeFollower | None = None
+        self.follower: ChangeFollower | None = None  # following a shared store
         self._paths_lock = threading.Lock()  # searches in several threads count paths
         self._search_paths: Counter[str] = Counter()  # exact / approximate / uncertified
 
@@ -187,6 +190,9 @@ class Engine:
         url = getattr(self.store, "url", None)
         if url is None or self.follower is not None:
             return
+        # psycopg comes with the `cluster` extra: the SQLite-only service image has none.
+        from app.store.changes import ChangeFollower
+
         self.follower = ChangeFollower(url, self.catch_up)
         self.follower.start()
 
