@@ -120,7 +120,7 @@ def _gallery_stats(app: FastAPI) -> list[tuple[str, int, int, bool]]:
     engine: Engine | None = app.state.engine
     if engine is None:
         return []
-    return [(m, len(g), g.nbytes(), g.building_ann) for m, g in engine.galleries.items()]
+    return engine.gallery_stats()
 
 
 def _neighbour_search(app: FastAPI) -> str | None:

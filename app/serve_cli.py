@@ -66,8 +66,7 @@ def _configure_logging(level: str) -> None:
 
 def example_curl(engine: Engine, settings: Settings) -> str:
     """A curl command searching the text gallery with a real image vector of the gallery."""
-    item_id = next((i for i in engine.galleries["image"].ids if i), None)
-    item = engine.get("image", item_id) if item_id else None
+    item = engine.example_item("image")
     dim = engine.input_dim("image")
     vector = item.vector.tolist() if item else [0.0] * dim
     body = json.dumps({"vectors": [vector], "top_k": 5, "similarity": "knn"})

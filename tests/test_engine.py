@@ -73,7 +73,7 @@ def test_approximate_path_matches_exact(engine, projection, similarity):
     queries = rng.normal(size=(40, 16)).astype(np.float32)
     exact = engine.search("image", queries, 10, similarity, mode="exact")
     approximate = engine.search("image", queries, 10, similarity, mode="approximate")
-    gallery = engine.galleries["text"]
+    gallery = engine.replicas["text"].gallery
     assert gallery.ann is not None and gallery.cosine_ann is not None
     assert engine.search_paths.get("approximate", 0) + engine.search_paths.get("uncertified", 0)
     recall = np.mean(
@@ -178,7 +178,7 @@ def test_indexes_built_in_the_background_miss_no_change_made_meanwhile(engine):
     changed meanwhile is in the installed indexes (and what was deleted is not)."""
     rng = np.random.default_rng(4)
     engine.upsert("text", *_random_text_items(3000, rng))
-    gallery = engine.galleries["text"]
+    gallery = engine.replicas["text"].gallery
     assert gallery.ann is None
     slow = AnnParams(M=48, ef_construction=800)  # a build long enough to write during
     builder = threading.Thread(target=gallery.build_ann_in_background, args=(slow,))

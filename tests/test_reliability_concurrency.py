@@ -46,7 +46,7 @@ def test_searches_during_contested_writes(synthetic_bundle, tmp_path):
     engine = Engine(bundle, store, ann_params=AnnParams(candidates=8), ann_min_items=0)
     engine.seed_if_empty()
     engine.load()
-    base = {i for i in engine.galleries["text"].row_of}
+    base = {i for i in engine.replicas["text"].gallery.row_of}
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(N_IDS, 8)).astype(np.float32)
     queries = bundle.default_gallery().features["image"][:6]
@@ -123,12 +123,12 @@ def test_searches_during_contested_writes(synthetic_bundle, tmp_path):
 
     # counts consistent: the history, memory and the store agree, and so does a fresh load
     live = {i for i, h in history.items() if h and h[-1].kind == "put"}
-    gallery = engine.galleries["text"]
+    gallery = engine.replicas["text"].gallery
     assert set(gallery.row_of) == base | live
     assert engine.count("text") == store.count("text") == len(base) + len(live)
     assert int(gallery.alive[: gallery.n_rows].sum()) == len(gallery)
     assert sum(len(rows) for rows in gallery.by_value.get("category", {}).values()) == len(gallery)
     fresh = Engine(bundle, store, ann_min_items=0)
     fresh.load()
-    assert set(fresh.galleries["text"].row_of) == base | live
+    assert set(fresh.replicas["text"].gallery.row_of) == base | live
     store.close()

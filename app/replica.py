@@ -1,0 +1,241 @@
+"""One copy of one modality's gallery in memory, kept equal to the store.
+
+A `GalleryReplica` is what the single process holds twice (image and text) and what each
+shard of a cluster holds once (its slice: `shard=(index, count)`): the in-memory
+app.gallery.Gallery, where it stands in the store's change log, how to load it, how to catch
+up, and which search path (exact, or the certified approximate one) answers a query. One
+implementation for both, so a shard ranks its slice exactly as the single process ranks the
+whole gallery.
+
+Loading uses the derived data stored for this bundle (neighbour codes, weights, unit
+embeddings); items without it (first start, a new bundle) are embedded once and it is
+written back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from app.ann import AnnParams
+from app.bundle import Bundle, Modality
+from app.gallery import Gallery, Hit, QueryBatch, SearchMode, Similarity
+from app.retrieval import neighbour_weights
+from app.store import Derived, GalleryStore, StoredItem
+from app.store.base import Shard
+from app.validation import finite_embeddings
+
+log = logging.getLogger("cdpae.engine")
+
+_LOAD_CHUNK = 4096
+
+
+def derive(
+    bundle: Bundle, modality: Modality, features: np.ndarray, num_threads: int = 1
+) -> Derived:
+    """What a gallery keeps of an item: its unit embedding, k neighbours and weights.
+
+    Not m_g (item_codes' dense part, a quarter of the embedding time): the ANN index derives
+    it when it is built. Raises InvalidInput naming the row whose embedding is not finite.
+    """
+    units = finite_embeddings(bundle.embed(modality, features), modality, "items[{i}].vector")
+    ids, z = bundle.neighbours(units, num_threads=num_threads)
+    weights = neighbour_weights(z).astype(np.float32)
+    return Derived(ids.astype(np.int32), weights, units)
+
+
+class GalleryReplica:
+    """One modality's gallery (or one shard's slice of it) in memory, following the store."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        store: GalleryStore,
+        modality: Modality,
+        bundle_key: str,
+        *,
+        ann_params: AnnParams | None = None,
+        ann_min_items: int = 50_000,
+        shard: Shard | None = None,
+    ) -> None:
+        self.bundle = bundle
+        self.store = store
+        self.modality = modality
+        self.bundle_key = bundle_key
+        self.ann_params = ann_params or AnnParams()
+        self.ann_min_items = ann_min_items
+        self.shard = shard
+        self.gallery = Gallery(modality, bundle.pool, bundle.knn_k)
+        # One writer at a time, so the store and memory see this copy's writes in one order.
+        self.writer = threading.Lock()
+        self.applied = 0  # the change log position this copy has applied up to
+
+    def __len__(self) -> int:
+        return len(self.gallery)
+
+    # --- loading and catching up -------------------------------------------------------------
+
+    def load(self) -> int:
+        """Fill the gallery from the store; how many items had to be embedded."""
+        started = time.perf_counter()
+        embedded = 0
+        # Read before the items: what commits during the load is caught up afterwards.
+        self.applied = self.store.last_seq()
+        with self.gallery.lock.write():  # room for everything at once: no doubling copies
+            self.gallery.reserve(self._expected_items() + 1024)
+        for chunk in self.store.iter_items(
+            self.modality, chunk=_LOAD_CHUNK, bundle_key=self.bundle_key, shard=self.shard
+        ):
+            embedded += self._apply_items(chunk, write_back=True)
+            if len(self.gallery) % (16 * _LOAD_CHUNK) < _LOAD_CHUNK:
+                log.info("%s: %d items loaded", self.name, len(self.gallery))
+        log.info(
+            "%s: %d items in %.1f s (%d embedded, the rest loaded)",
+            self.name,
+            len(self.gallery),
+            time.perf_counter() - started,
+            embedded,
+        )
+        if self.wants_ann():
+            # Ready without them: searches take the exact path until they are built.
+            threading.Thread(
+                target=self.gallery.build_ann_in_background,
+                args=(self.ann_params,),
+                name=f"ann-{self.name}",
+                daemon=True,
+            ).start()
+        return embedded
+
+    @property
+    def name(self) -> str:
+        if self.shard is None:
+            return f"{self.modality} gallery"
+        return f"{self.modality} shard {self.shard[0]}/{self.shard[1]}"
+
+    def _expected_items(self) -> int:
+        total = self.store.count(self.modality)
+        return total if self.shard is None else total // self.shard[1] + 1
+
+    def _apply_items(self, items: Sequence[StoredItem], write_back: bool) -> int:
+        """Put items into memory, embedding those without stored derived data; how many were
+        embedded. write_back: store what was computed (the load; catching up leaves it to the
+        copy that wrote the item)."""
+        k, dim = self.bundle.knn_k, self.bundle.pool.dim
+        derived = Derived(
+            np.empty((len(items), k), dtype=np.int32),
+            np.empty((len(items), k), dtype=np.float32),
+            np.empty((len(items), dim), dtype=np.float32),
+        )
+        stored = [i for i, it in enumerate(items) if it.derived is not None]
+        if stored:
+            derived.assign(stored, Derived.decode([items[i].derived or b"" for i in stored], k))
+        missing = [i for i, it in enumerate(items) if it.derived is None]
+        if missing:
+            features = np.stack([items[i].vector for i in missing])
+            # Bulk work: let hnswlib use every core for the training-pool kNN.
+            computed = derive(self.bundle, self.modality, features, os.cpu_count() or 1)
+            if write_back:
+                self.store.put_derived(
+                    self.bundle_key, self.modality, [items[i].id for i in missing], computed
+                )
+            derived.assign(missing, computed)
+        metadata_json = [json.dumps(it.metadata, sort_keys=True) for it in items]
+        # While loading, the ANN indexes are built once at the end (in the background).
+        self.put([it.id for it in items], derived, metadata_json, build_ann=not write_back)
+        return len(missing)
+
+    def catch_up(self, target: int = 0) -> int:
+        """Apply the store's changes (of this copy's slice) after the last one applied; how
+        many were applied. Afterwards the copy reflects every change up to at least `target`,
+        a sequence number the caller read after that change committed.
+
+        Under the writer lock, so a local write and a caught-up change never interleave: each
+        change is applied as the item's state now (present or gone), which is idempotent and
+        converges whatever the order of notifications.
+        """
+        applied = 0
+        with self.writer:
+            while True:
+                changes = self.store.changes_since(
+                    self.modality, self.applied, bundle_key=self.bundle_key, shard=self.shard
+                )
+                if not changes:
+                    break
+                latest: dict[str, StoredItem | None] = {c.id: c.item for c in changes}
+                present = [item for item in latest.values() if item is not None]
+                if present:
+                    self._apply_items(present, write_back=False)
+                for item_id, item in latest.items():
+                    if item is None:
+                        self.remove(item_id)
+                self.applied = changes[-1].seq
+                applied += len(changes)
+            # Sequence numbers are assigned in commit order (app/store/postgres.py), so once
+            # nothing of this slice follows `applied`, nothing of it is missing up to `target`
+            # either: changes of other slices between the two don't concern this copy.
+            self.applied = max(self.applied, target)
+        return applied
+
+    # --- changes to memory -------------------------------------------------------------------
+
+    def put(
+        self,
+        ids: Sequence[str],
+        derived: Derived,
+        metadata_json: Sequence[str],
+        build_ann: bool = True,
+    ) -> None:
+        """Insert or replace items in memory; builds the ANN indexes (synchronously) when the
+        gallery has just grown past ann_min_items and build_ann is set."""
+        with self.gallery.lock.write():
+            self.gallery.put(ids, derived, metadata_json)
+            if build_ann and self.wants_ann():
+                self.gallery.build_ann(self.ann_params)
+
+    def remove(self, item_id: str) -> bool:
+        with self.gallery.lock.write():
+            return self.gallery.remove(item_id)
+
+    def wants_ann(self) -> bool:
+        gallery = self.gallery
+        big = bool(self.ann_min_items) and len(gallery) >= self.ann_min_items
+        return big and gallery.ann is None and not gallery.building_ann
+
+    # --- search ------------------------------------------------------------------------------
+
+    def search(
+        self,
+        queries: QueryBatch,
+        k: int,
+        similarity: Similarity,
+        flt: dict[str, object] | None = None,
+        mode: SearchMode = "auto",
+    ) -> tuple[list[list[Hit]], list[str]]:
+        """The top k of this copy for each query, best first (ties by id), and the path each
+        answer took (exact, approximate, uncertified)."""
+        gallery = self.gallery
+        # Filters take the exact path over the matching rows (top_k hits whenever that many
+        # match); so do small galleries unless a request asks for the approximate path.
+        approximate = not flt and (
+            mode == "approximate"
+            or (mode == "auto" and bool(self.ann_min_items) and len(gallery) >= self.ann_min_items)
+        )
+        if approximate and gallery.ann is None and not gallery.building_ann:
+            with gallery.lock.write():
+                if gallery.ann is None and not gallery.building_ann:
+                    gallery.build_ann(self.ann_params)
+        with gallery.lock.read():
+            if approximate and gallery.ann is not None:
+                return gallery.search_approximate(queries, k, similarity)
+            return gallery.search_exact(queries, k, similarity, flt), ["exact"] * len(queries)
+
+    def stats(self) -> tuple[str, int, int, bool]:
+        """(modality, items, bytes of arrays and indexes, ANN being built)."""
+        gallery = self.gallery
+        return self.modality, len(gallery), gallery.nbytes(), gallery.building_ann
