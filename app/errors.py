@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.cluster import ShardUnavailableError
 from app.store import StoreFullError, StoreUnavailableError
 from app.validation import InvalidInput
 
@@ -141,6 +142,11 @@ def install_error_handlers(app: FastAPI) -> None:
             f"the gallery database is unreachable; the write was not applied: {exc}",
             headers={"Retry-After": "2"},
         )
+
+    @app.exception_handler(ShardUnavailableError)
+    async def _shard_unavailable(request: Request, exc: ShardUnavailableError) -> JSONResponse:
+        log.error("shard unavailable: %s", exc)
+        return error_response(503, "unavailable", str(exc), headers={"Retry-After": "2"})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

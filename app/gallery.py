@@ -94,6 +94,12 @@ class Hit:
     metadata_json: str
 
 
+def merge_hits(parts: Sequence[Sequence[Hit]], k: int) -> list[Hit]:
+    """The top k of several partial top-ks (one per shard), in the order one gallery gives:
+    best score first, equal scores by id (app.retrieval.top_k_by_id)."""
+    return sorted((hit for part in parts for hit in part), key=lambda h: (-h.score, h.id))[:k]
+
+
 @dataclass(frozen=True)
 class QueryBatch:
     """What a gallery needs of a batch of queries: their unit embeddings (cosine) and, for

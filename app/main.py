@@ -12,17 +12,21 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
 from app.ann import AnnParams
-from app.bundle import MODALITIES, Bundle, load_bundle
+from app.bundle import MANIFEST, MODALITIES, Bundle, load_bundle, sha256_of
 from app.engine import Engine
 from app.errors import install_error_handlers
 from app.metrics import ServiceMetrics, ServiceMiddleware
 from app.routes import gallery, health, search
 from app.settings import Settings
 from app.store import open_store
+
+if TYPE_CHECKING:
+    from app.cluster.frontend import ShardedGalleries
 
 log = logging.getLogger("cdpae.service")
 
@@ -42,17 +46,19 @@ def create_app(
         state = app.state
         loaded = bundle if bundle is not None else load_bundle(settings.bundle)
         store = open_store(settings.store, settings.data_dir)
+        ann_params = AnnParams(
+            M=settings.ann_m,
+            ef_construction=settings.ann_ef_construction,
+            candidates=settings.ann_candidates,
+            max_candidates=settings.ann_max_candidates,
+            dim=settings.ann_dim,
+        )
         engine = Engine(
             loaded,
             store,
-            ann_params=AnnParams(
-                M=settings.ann_m,
-                ef_construction=settings.ann_ef_construction,
-                candidates=settings.ann_candidates,
-                max_candidates=settings.ann_max_candidates,
-                dim=settings.ann_dim,
-            ),
+            ann_params=ann_params,
             ann_min_items=settings.ann_min_items,
+            cluster=_cluster(settings, loaded, ann_params) if settings.ray else None,
         )
         state.engine = engine
 
@@ -128,3 +134,23 @@ def _neighbour_search(app: FastAPI) -> str | None:
     if engine is None:
         return None
     return "exact" if engine.bundle.exact_knn else "hnsw"
+
+
+def _cluster(settings: Settings, bundle: Bundle, ann_params: AnnParams) -> ShardedGalleries:
+    """The galleries sharded on the Ray cluster of settings.ray (ray imported only here)."""
+    from app.cluster.frontend import ShardedGalleries
+    from app.cluster.shard import ShardConfig
+
+    config = ShardConfig(
+        bundle=str(bundle.path.resolve()),
+        bundle_key=sha256_of(bundle.path / MANIFEST),
+        store_url=settings.store or "",
+        modality="image",  # set per shard
+        index=0,
+        count=settings.shards,
+        ann_params=ann_params,
+        ann_min_items=settings.ann_min_items,
+    )
+    return ShardedGalleries(
+        settings.ray or "local", config, call_timeout_s=settings.shard_timeout_s
+    )

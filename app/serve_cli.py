@@ -46,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
         "replicas (CDPAE_STORE; default: the SQLite file under --data-dir)",
     )
     p.add_argument(
+        "--ray",
+        help="ADDRESS of a Ray cluster (host:port) to shard the galleries on, or `local` to "
+        "start a one-node Ray (CDPAE_RAY; needs --store postgresql://...)",
+    )
+    p.add_argument("--shards", type=int, help="shard actors per modality (CDPAE_SHARDS, default 4)")
+    p.add_argument(
         "--print-example", action="store_true", help="print a ready-to-paste curl query once ready"
     )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -88,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             "port": args.port,
             "data_dir": args.data_dir,
             "store": args.store,
+            "ray": args.ray,
+            "shards": args.shards,
             "log_level": args.log_level,
         }.items()
         if value is not None

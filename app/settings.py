@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -22,6 +22,18 @@ class Settings(BaseSettings):
         None,
         description="postgresql://USER@HOST:PORT/DB: the gallery in PostgreSQL, shared by "
         "replicas; unset: the SQLite file under data_dir",
+    )
+    ray: str | None = Field(
+        None,
+        description="ADDRESS of a Ray cluster (host:port) to shard the galleries on, or `local` "
+        "to start a one-node Ray; needs a postgresql:// store. Unset: one process",
+    )
+    shards: int = Field(4, ge=1, le=256, description="shard actors per modality (with ray)")
+    shard_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="a shard that has not answered within this gets the request a 503 + "
+        "Retry-After (with ray)",
     )
     host: str = Field("127.0.0.1", description="interface uvicorn binds to")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
@@ -68,3 +80,10 @@ class Settings(BaseSettings):
         True, description="seed an empty store from the bundle's default gallery"
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+
+    @model_validator(mode="after")
+    def _cluster_needs_postgres(self) -> Settings:
+        # Shard actors reload their slices from the database: SQLite is one process's file.
+        if self.ray and not (self.store or "").startswith(("postgresql://", "postgres://")):
+            raise ValueError("ray needs store=postgresql://... (shards reload from it)")
+        return self
