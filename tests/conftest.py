@@ -1,3 +1,6 @@
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,3 +66,32 @@ def store_factory(request, tmp_path):
     yield open_one
     for store in opened:
         store.close()
+
+
+@pytest.fixture(scope="session")
+def wikipedia_bundle(tmp_path_factory) -> Path:
+    """A real Wikipedia bundle, trained once (`cdpae train --quick`, about a minute); set
+    CDPAE_TEST_WIKIPEDIA_BUNDLE to an existing bundle directory to reuse one."""
+    existing = os.environ.get("CDPAE_TEST_WIKIPEDIA_BUNDLE")
+    if existing:
+        return Path(existing)
+    out = tmp_path_factory.mktemp("wiki") / "wikipedia"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "train",
+            "--data",
+            "wikipedia",
+            "--out",
+            str(out),
+            "--quick",
+            "--no-plots",
+            "--quiet",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    return out
