@@ -2,7 +2,7 @@
 
 The cluster's exactness rests on this: each shard scores its own rows with app.gallery's
 code, and merging partial top-ks (ties by id) gives the whole gallery's top k with the same
-scores, bit for bit. On the Wikipedia bundle (512-d embeddings), replacing cosine_scores'
+scores, bit for bit. On the Wikipedia bundle (1024-d embeddings), replacing cosine_scores'
 einsum by a BLAS product (`q @ g.T`) fails the filtered cosine case below: the product's
 summation order depends on the matrix shape (docs/cluster.md, "the float-summation trap").
 """
