@@ -1,4 +1,9 @@
 import os
+
+# Every Ray process of the tests chooses the loopback address (Ray reads this when it is
+# first imported, which a plugin may do before tests/support/ray_cluster.py runs).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 import subprocess
 import sys
 from pathlib import Path

@@ -63,8 +63,9 @@ class Server:
         *extra: str,
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
+        port: int | None = None,
     ) -> None:
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "CDPAE_LOG_LEVEL": "info", **(env or {})}
         self.log = log
