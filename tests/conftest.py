@@ -1,3 +1,6 @@
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,36 @@ def synthetic_bundle(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_npz(tmp_path_factory) -> Path:
     return write_synthetic_npz(tmp_path_factory.mktemp("data") / "synthetic.npz")
+
+
+@pytest.fixture(scope="session")
+def wikipedia_bundle(tmp_path_factory) -> Path:
+    """A real Wikipedia bundle, trained once per session (`cdpae train --quick`, about a
+    minute); CDPAE_TEST_WIKIPEDIA_BUNDLE names an existing one to reuse instead (with the one
+    `make run` trains, models/wikipedia, the README test also compares exact answers)."""
+    existing = os.environ.get("CDPAE_TEST_WIKIPEDIA_BUNDLE")
+    if existing:
+        return Path(existing)
+    out = tmp_path_factory.mktemp("wiki") / "wikipedia"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "train",
+            "--data",
+            "wikipedia",
+            "--out",
+            str(out),
+            "--quick",
+            "--no-plots",
+            "--quiet",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    return out
 
 
 @pytest.fixture

@@ -1,16 +1,13 @@
 """MAP@50 from the service's own HTTP responses equals what `cdpae evaluate` reports.
 
-A real Wikipedia bundle is trained once (`cdpae train --quick`, about a minute);
-set CDPAE_TEST_WIKIPEDIA_BUNDLE to an existing bundle directory to reuse one.
+The Wikipedia bundle is conftest.py's `wikipedia_bundle` (trained once per session).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,33 +15,6 @@ import pytest
 from tests.support.service import service
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def wikipedia_bundle(tmp_path_factory) -> Path:
-    existing = os.environ.get("CDPAE_TEST_WIKIPEDIA_BUNDLE")
-    if existing:
-        return Path(existing)
-    out = tmp_path_factory.mktemp("wiki") / "wikipedia"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "app.cli",
-            "train",
-            "--data",
-            "wikipedia",
-            "--out",
-            str(out),
-            "--quick",
-            "--no-plots",
-            "--quiet",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
-    return out
 
 
 def _map_at_50(client, url: str, queries: np.ndarray, labels: np.ndarray, similarity: str):
