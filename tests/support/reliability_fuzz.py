@@ -35,6 +35,7 @@ from schemathesis.core.failures import FailureGroup
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
+    ignored_auth,
     negative_data_rejection,
     response_headers_conformance,
     response_schema_conformance,
@@ -49,6 +50,9 @@ RESPONSE_CHECKS = [
     response_schema_conformance,
     response_headers_conformance,
     negative_data_rejection,
+    # a 2xx on an operation that declares a key: the same request without the key, and with a
+    # wrong one, must be refused (re-sent to the server that answered)
+    ignored_auth,
 ]
 
 WRITE_KEY = "fuzz-write-key-0123456789"
@@ -122,10 +126,18 @@ def problems(response: httpx.Response) -> list[str]:
     return found
 
 
-def schema_violations(case: Any, response: httpx.Response) -> list[str]:
-    """What schemathesis's RESPONSE_CHECKS find wrong with `response` to `case` (empty: fine)."""
+def schema_violations(case: Any, response: httpx.Response, base_url: str) -> list[str]:
+    """What schemathesis's RESPONSE_CHECKS find wrong with `response` to `case` (empty: fine).
+
+    `base_url` is where checks that re-send the request (ignored_auth) send it.
+    """
     try:
-        case.validate_response(response, checks=RESPONSE_CHECKS)
+        case.validate_response(
+            response,
+            checks=RESPONSE_CHECKS,
+            headers=dict(response.request.headers),
+            transport_kwargs={"base_url": base_url},
+        )
     except FailureGroup as group:
         where = f"{response.request.method} {response.request.url.path} -> {response.status_code}"
         return [f"{where}: {exc}" for exc in group.exceptions]
@@ -217,7 +229,7 @@ def fuzz_schema(
             response = _send_case(client, case, auth)
             if response is None:
                 return
-            found = problems(response) + schema_violations(case, response)
+            found = problems(response) + schema_violations(case, response, str(client.base_url))
             _record(report, response, found, stop_on_problem)
 
         _run(one, examples, seed)
