@@ -81,8 +81,8 @@ _STATUS_TYPES = {
 }
 
 
-# What each status means on this API, for the OpenAPI document. app/openapi.py adds the limits
-# in force to 413 and 422 and drops 401/403 where no key is configured.
+# What each status means on this API, for the OpenAPI document. app/openapi.py writes the body
+# limit in force into 413 and drops 401/403 where no key is configured.
 _STATUS_DESCRIPTIONS = {
     400: "the body is not valid JSON (type invalid_json)",
     401: "no API key, or a wrong one (field: authorization)",
