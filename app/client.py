@@ -7,7 +7,9 @@
             print(hit.id, hit.score, hit.metadata)
 
 Options are keyword-only and default to environment variables: `CDPAE_URL`
-(http://127.0.0.1:8000), `CDPAE_API_KEY`, `CDPAE_TIMEOUT` (seconds, 30).
+(http://127.0.0.1:8000), `CDPAE_CLIENT_API_KEY`, `CDPAE_TIMEOUT` (seconds, 30). The key has a
+name of its own, not the server's `CDPAE_API_KEY`: a shell that starts the service with a write
+key should not make every client in it a writer. `retry=RetryPolicy(...)` sets the retries.
 Every failure raises a subclass of `CdpaeError` carrying the server's error
 type, field and message. Only failures that are safe to repeat are retried:
 a connection that could not be opened (the request never reached the server)
@@ -37,6 +39,7 @@ SearchMode = Literal["auto", "exact", "approximate"]
 VectorsLike = np.ndarray | Sequence[float] | Sequence[Sequence[float]]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+API_KEY_ENV = "CDPAE_CLIENT_API_KEY"
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_RETRIES = 2
 MODALITIES: tuple[Modality, Modality] = ("image", "text")
@@ -371,17 +374,29 @@ class _Options:
         base_url: str | None,
         api_key: str | None,
         timeout: float | None,
-        max_retries: int,
-        backoff_base: float,
+        retry: RetryPolicy | None,
+        max_retries: int | None,
+        transport: object | None,
+        http_client: object | None,
     ) -> None:
         self.base_url = (base_url or os.environ.get("CDPAE_URL") or DEFAULT_URL).rstrip("/")
-        self.api_key = api_key if api_key is not None else os.environ.get("CDPAE_API_KEY") or None
+        self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
         self.timeout = (
             timeout if timeout is not None else _env_float("CDPAE_TIMEOUT", DEFAULT_TIMEOUT)
         )
-        if max_retries < 0:
-            raise ValueError(f"max_retries: expected >= 0, got {max_retries}")
-        self.retry = RetryPolicy(max_retries=max_retries, backoff_base=backoff_base)
+        if retry is not None and max_retries is not None:
+            raise ValueError("pass retry=RetryPolicy(...) or max_retries, not both")
+        if max_retries is not None:
+            retry = RetryPolicy(max_retries=max_retries)
+        self.retry = retry or RetryPolicy()
+        if self.retry.max_retries < 0:
+            raise ValueError(f"max_retries: expected >= 0, got {self.retry.max_retries}")
+        if transport is not None and http_client is not None:
+            # the transport would be silently unused: the given http_client has its own
+            raise ValueError(
+                "pass transport or http_client, not both (give the transport to your "
+                "httpx client instead)"
+            )
 
     def headers(self) -> dict[str, str]:
         headers = {"Accept": "application/json", "User-Agent": "cdpae-client"}
@@ -415,12 +430,17 @@ class Client:
         *,
         api_key: str | None = None,
         timeout: float | None = None,
-        max_retries: int = DEFAULT_MAX_RETRIES,
-        backoff_base: float = 0.5,
+        retry: RetryPolicy | None = None,
+        max_retries: int | None = None,
         transport: httpx.BaseTransport | None = None,
         http_client: httpx.Client | None = None,
     ) -> None:
-        self._options = _Options(base_url, api_key, timeout, max_retries, backoff_base)
+        """`retry` sets the whole policy; `max_retries` alone is a shortcut for
+        RetryPolicy(max_retries=n). `transport` (for tests) or `http_client` (your own
+        pooled httpx client, which this client will not close), not both."""
+        self._options = _Options(
+            base_url, api_key, timeout, retry, max_retries, transport, http_client
+        )
         self._owns_http = http_client is None
         self._http = http_client or httpx.Client(timeout=self._options.timeout, transport=transport)
 
@@ -549,12 +569,17 @@ class AsyncClient:
         *,
         api_key: str | None = None,
         timeout: float | None = None,
-        max_retries: int = DEFAULT_MAX_RETRIES,
-        backoff_base: float = 0.5,
+        retry: RetryPolicy | None = None,
+        max_retries: int | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         http_client: httpx.AsyncClient | None = None,
     ) -> None:
-        self._options = _Options(base_url, api_key, timeout, max_retries, backoff_base)
+        """`retry` sets the whole policy; `max_retries` alone is a shortcut for
+        RetryPolicy(max_retries=n). `transport` (for tests) or `http_client` (your own
+        pooled httpx client, which this client will not close), not both."""
+        self._options = _Options(
+            base_url, api_key, timeout, retry, max_retries, transport, http_client
+        )
         self._owns_http = http_client is None
         self._http = http_client or httpx.AsyncClient(
             timeout=self._options.timeout, transport=transport

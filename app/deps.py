@@ -6,11 +6,13 @@ import hmac
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Path, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from app.bundle import MODALITIES, Modality
+from app.bundle import Modality
 from app.engine import Engine
 from app.errors import ApiError
+from app.schemas import Modality as ModalityEnum
 from app.settings import Settings
 
 
@@ -29,20 +31,38 @@ async def get_engine(request: Request) -> Engine:
     return state.engine
 
 
-async def modality_of(modality: str) -> Modality:
-    """The {modality} path parameter: 404 (not 422) for anything but image or text."""
-    if modality not in MODALITIES:
-        raise ApiError(
-            404, "not_found", f"unknown modality {modality!r}: use image or text", "modality"
-        )
-    return modality  # type: ignore[return-value]
+async def modality_of(
+    modality: Annotated[
+        ModalityEnum, Path(description="the gallery: image or text; anything else is a 404")
+    ],
+) -> Modality:
+    """The {modality} path parameter as the engine's plain string.
+
+    An enum in the schema; a value outside it is a 404 (errors.py maps path validation errors),
+    since /gallery/audio is a resource that does not exist, not a malformed request.
+    """
+    return modality.value  # type: ignore[return-value]
 
 
-def _presented_key(authorization: str | None) -> str | None:
-    if not authorization:
-        return None
-    scheme, _, key = authorization.partition(" ")
-    return key.strip() if scheme.lower() == "bearer" and key.strip() else None
+# The two keys as HTTP bearer security schemes: the OpenAPI document lists them on the
+# operations they guard (app/openapi.py drops a scheme whose key is not configured).
+# auto_error=False: the checks below decide between open, 401 and 403.
+write_key = HTTPBearer(
+    scheme_name="writeKey",
+    description="CDPAE_API_KEY: gallery writes need it when it is set; it also reads",
+    auto_error=False,
+)
+read_key = HTTPBearer(
+    scheme_name="readKey",
+    description="CDPAE_READ_API_KEY: searches and gallery reads need it (or the write key) "
+    "when it is set; it may not write (403)",
+    auto_error=False,
+)
+Credentials = HTTPAuthorizationCredentials | None
+
+
+def _presented_key(credentials: Credentials) -> str | None:
+    return credentials.credentials.strip() or None if credentials else None
 
 
 def _matches(key: str | None, secret: object) -> bool:
@@ -56,12 +76,17 @@ _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 async def require_read(
     settings: Annotated[Settings, Depends(get_settings)],
-    authorization: Annotated[str | None, Header()] = None,
+    read: Annotated[Credentials, Depends(read_key)],
+    _write: Annotated[Credentials, Depends(write_key)],
 ) -> None:
-    """Searches and gallery reads: open unless CDPAE_READ_API_KEY is set."""
+    """Searches and gallery reads: open unless CDPAE_READ_API_KEY is set.
+
+    Both schemes read the same Authorization header; `_write` is declared so the OpenAPI
+    document says the write key is accepted here too.
+    """
     if settings.read_api_key is None:
         return
-    key = _presented_key(authorization)
+    key = _presented_key(read)
     if not (_matches(key, settings.read_api_key) or _matches(key, settings.api_key)):
         raise ApiError(
             401,
@@ -74,12 +99,12 @@ async def require_read(
 
 async def require_write(
     settings: Annotated[Settings, Depends(get_settings)],
-    authorization: Annotated[str | None, Header()] = None,
+    write: Annotated[Credentials, Depends(write_key)],
 ) -> None:
     """Gallery writes: open unless CDPAE_API_KEY is set; the read key gets 403."""
     if settings.api_key is None:
         return
-    key = _presented_key(authorization)
+    key = _presented_key(write)
     if _matches(key, settings.api_key):
         return
     if _matches(key, settings.read_api_key):

@@ -7,6 +7,7 @@ all rewritten into it, so a client has one thing to parse.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.cluster import ShardUnavailableError
+from app.schemas import ErrorResponse
 from app.store import StoreFullError, StoreUnavailableError
 from app.validation import InvalidInput
 
@@ -80,6 +82,47 @@ _STATUS_TYPES = {
 }
 
 
+# What each status means on this API, for the OpenAPI document. app/openapi.py writes the body
+# limit in force into 413 and drops 401/403 where no key is configured.
+_STATUS_DESCRIPTIONS = {
+    400: "the body is not valid JSON (type invalid_json)",
+    401: "no API key, or a wrong one (field: authorization)",
+    403: "the read key may not write (field: authorization)",
+    404: "unknown modality, item id or path (field: modality or id)",
+    413: "the request body is over CDPAE_MAX_BODY_BYTES (payload_too_large)",
+    422: "a field is invalid: wrong vector dimension, NaN, over a limit, unknown field... "
+    "(field names it, e.g. vectors[0])",
+    503: "not ready (the gallery is loading or failed to load), too many requests in flight, "
+    "or the gallery database is unreachable; retry after Retry-After seconds",
+    507: "the gallery store's disk is full; the write was not applied",
+    500: "a bug: see the service log for the request id",
+}
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "seconds to wait before retrying (when the service can tell)",
+        "schema": {"type": "integer"},
+    }
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """FastAPI `responses=` for these statuses, each with the one error body.
+
+    Declaring 422 here also keeps FastAPI from documenting its own HTTPValidationError,
+    which this service never sends.
+    """
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in (*statuses, 500):
+        entry: dict[str, Any] = {
+            "model": ErrorResponse,
+            "description": _STATUS_DESCRIPTIONS[status],
+        }
+        if status == 503:
+            entry["headers"] = _RETRY_AFTER
+        out[status] = entry
+    return out
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -102,6 +145,13 @@ def install_error_handlers(app: FastAPI) -> None:
         loc = tuple(first.get("loc", ()))
         field = field_name(loc)
         message = str(first.get("msg", "invalid value"))
+        if loc[:1] == ("path",):
+            # A path segment outside its enum (/gallery/audio): no such resource.
+            expected = (first.get("ctx") or {}).get("expected")
+            hint = ": use " + expected.replace("'", "") if expected else ""
+            return error_response(
+                404, "not_found", f"unknown {field} {first.get('input')!r}{hint}", field
+            )
         if loc == ("body",):
             # The body as a whole: absent, not an object, or not sent as JSON.
             field = "body"

@@ -21,6 +21,7 @@ from app.bundle import MANIFEST, MODALITIES, Bundle, load_bundle, sha256_of
 from app.engine import Engine
 from app.errors import install_error_handlers
 from app.metrics import ServiceMetrics, ServiceMiddleware
+from app.openapi import app_options, install_docs, install_openapi
 from app.routes import gallery, health, search
 from app.settings import Settings
 from app.store import open_store
@@ -93,12 +94,7 @@ def create_app(
             engine.close()
             store.close()
 
-    app = FastAPI(
-        title="cdpae",
-        summary="Cross-modal (image <-> text) retrieval with the CDPAE kNN marginal similarity",
-        version="0.1.0",
-        lifespan=lifespan,
-    )
+    app = FastAPI(lifespan=lifespan, **app_options())
     app.state.settings = settings
     app.state.engine = None
     app.state.ready = threading.Event()
@@ -113,6 +109,8 @@ def create_app(
     app.include_router(search.router)
     app.include_router(gallery.router)
     app.include_router(health.router)
+    install_openapi(app, settings)
+    install_docs(app)
     app.add_middleware(
         ServiceMiddleware,
         metrics=app.state.metrics,

@@ -2,19 +2,58 @@
 
 Floats are checked finite here (allow_inf_nan=False): NaN or infinity in a
 vector is a 422 naming the element. Dimensions depend on the bundle loaded, so
-the engine checks them.
+the engine checks them. Limits that come from the settings (batch size, top_k,
+items per upsert) are checked by the routes and written into the OpenAPI
+document by app/openapi.py, so the schema shows the limits in force.
 """
 
 from __future__ import annotations
 
 import json
 import unicodedata
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
-Similarity = Literal["knn", "cosine"]
-SearchMode = Literal["auto", "exact", "approximate"]
+
+# Enums (not Literals) so that the OpenAPI document names them as components and a generated
+# client gets one type for each, shared by every operation that uses it.
+class Modality(StrEnum):
+    image = "image"
+    text = "text"
+
+
+class Similarity(StrEnum):
+    knn = "knn"
+    cosine = "cosine"
+
+
+class SearchMode(StrEnum):
+    auto = "auto"
+    exact = "exact"
+    approximate = "approximate"
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(
+        description="machine-readable kind: invalid_request, invalid_json, unauthorized, "
+        "forbidden, not_found, payload_too_large, overloaded, unavailable, "
+        "insufficient_storage, internal",
+        examples=["invalid_request"],
+    )
+    field: str | None = Field(
+        description="the request field at fault, e.g. vectors[0] or items[2].id "
+        "(authorization for key errors; null when no single field is)",
+        examples=["vectors[0]"],
+    )
+    message: str = Field(description="what is wrong, for a person", examples=["expected 10 floats"])
+
+
+class ErrorResponse(BaseModel):
+    """The one shape of every 4xx/5xx answer."""
+
+    error: ErrorDetail
 
 
 def _scalar_values(flt: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -27,7 +66,17 @@ def _scalar_values(flt: dict[str, Any] | None) -> dict[str, Any] | None:
     return flt
 
 
-Filter = Annotated[dict[str, Any] | None, AfterValidator(_scalar_values)]
+_SCALAR_SCHEMA = {
+    "anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"}]
+}
+# The validator gives a message naming the key; the schema says the same for clients.
+Filter = Annotated[
+    dict[str, Any] | None,
+    AfterValidator(_scalar_values),
+    WithJsonSchema(
+        {"anyOf": [{"type": "object", "additionalProperties": _SCALAR_SCHEMA}, {"type": "null"}]}
+    ),
+]
 
 
 def _strict_json(metadata: dict[str, Any]) -> dict[str, Any]:
@@ -52,15 +101,17 @@ class SearchRequest(_Strict):
     vectors: list[list[float]] = Field(
         min_length=1, description="raw feature vectors of the query modality, one per query"
     )
-    top_k: int = Field(10, ge=1, le=1000, strict=True, description="hits per query")
+    # No upper bound here: CDPAE_MAX_TOP_K is the limit (checked by the route, shown in the schema).
+    top_k: int = Field(10, ge=1, strict=True, description="hits per query")
     similarity: Similarity = Field(
-        "knn", description="knn: the kNN marginal-probability similarity; cosine: plain cosine"
+        Similarity.knn,
+        description="knn: the kNN marginal-probability similarity; cosine: plain cosine",
     )
     filter: Filter = Field(
         None, description='exact match on metadata keys, e.g. {"category": "art"}'
     )
     mode: SearchMode = Field(
-        "auto",
+        SearchMode.auto,
         description="auto: approximate for large galleries (knn, no filter), else exact; "
         "exact / approximate force one path",
     )
@@ -110,17 +161,23 @@ class DeleteResponse(BaseModel):
     count: int
 
 
+class Item(BaseModel):
+    id: str
+    vector: list[float] = Field(description="the raw features as stored")
+    metadata: dict[str, Any]
+
+
 class GalleryInfo(BaseModel):
-    modality: str
-    count: int
-    dim: int
+    modality: Modality
+    count: int = Field(description="items in the gallery")
+    dim: int = Field(description="length of this modality's raw feature vectors")
 
 
 class Health(BaseModel):
-    status: str
+    status: Literal["ok"]
 
 
 class Ready(BaseModel):
-    status: str
-    bundle: str
-    dataset: str
+    status: Literal["ready"]
+    bundle: str = Field(description="the bundle directory served")
+    dataset: str = Field(description="the data set the bundle was trained on")

@@ -137,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
         help="only hits whose metadata KEY equals VALUE (repeatable)",
     )
     parser.add_argument(
-        "--api-key", default=None, help="API key (default: $CDPAE_API_KEY when set)"
+        "--api-key", default=None, help="API key (default: $CDPAE_CLIENT_API_KEY when set)"
     )
     parser.add_argument(
         "--timeout", type=float, default=None, help="seconds (default: $CDPAE_TIMEOUT or 30)"

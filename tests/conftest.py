@@ -25,6 +25,36 @@ def synthetic_npz(tmp_path_factory) -> Path:
     return write_synthetic_npz(tmp_path_factory.mktemp("data") / "synthetic.npz")
 
 
+@pytest.fixture(scope="session")
+def wikipedia_bundle(tmp_path_factory) -> Path:
+    """A real Wikipedia bundle, trained once per session (`cdpae train --quick`, about a
+    minute); CDPAE_TEST_WIKIPEDIA_BUNDLE names an existing one to reuse instead (with the one
+    `make run` trains, models/wikipedia, the README test also compares exact answers)."""
+    existing = os.environ.get("CDPAE_TEST_WIKIPEDIA_BUNDLE")
+    if existing:
+        return Path(existing)
+    out = tmp_path_factory.mktemp("wiki") / "wikipedia"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "train",
+            "--data",
+            "wikipedia",
+            "--out",
+            str(out),
+            "--quick",
+            "--no-plots",
+            "--quiet",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    return out
+
+
 @pytest.fixture
 def client(synthetic_bundle, tmp_path):
     """The service in-process on the synthetic bundle, with a fresh (seeded) gallery."""
@@ -71,32 +101,3 @@ def store_factory(request, tmp_path):
     yield open_one
     for store in opened:
         store.close()
-
-
-@pytest.fixture(scope="session")
-def wikipedia_bundle(tmp_path_factory) -> Path:
-    """A real Wikipedia bundle, trained once (`cdpae train --quick`, about a minute); set
-    CDPAE_TEST_WIKIPEDIA_BUNDLE to an existing bundle directory to reuse one."""
-    existing = os.environ.get("CDPAE_TEST_WIKIPEDIA_BUNDLE")
-    if existing:
-        return Path(existing)
-    out = tmp_path_factory.mktemp("wiki") / "wikipedia"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "app.cli",
-            "train",
-            "--data",
-            "wikipedia",
-            "--out",
-            str(out),
-            "--quick",
-            "--no-plots",
-            "--quiet",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
-    return out

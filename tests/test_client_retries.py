@@ -115,7 +115,7 @@ def test_options_default_to_environment_variables(monkeypatch):
         return httpx.Response(200, json={"status": "ok"})
 
     monkeypatch.setenv("CDPAE_URL", "http://example.invalid:9/")
-    monkeypatch.setenv("CDPAE_API_KEY", "k-env")
+    monkeypatch.setenv("CDPAE_CLIENT_API_KEY", "k-env")
     monkeypatch.setenv("CDPAE_TIMEOUT", "2.5")
     with Client(transport=httpx.MockTransport(record)) as c:
         c.health()
@@ -149,7 +149,11 @@ def test_connection_refused_is_retried_then_raised():
     port, attempts = free_port(), []
     http = counting_client(attempts)
     with (
-        Client(f"http://127.0.0.1:{port}", max_retries=2, backoff_base=0.01, http_client=http) as c,
+        Client(
+            f"http://127.0.0.1:{port}",
+            retry=RetryPolicy(max_retries=2, backoff_base=0.01),
+            http_client=http,
+        ) as c,
         pytest.raises(APIConnectionError) as info,
     ):
         c.health()
@@ -164,7 +168,9 @@ def test_async_connection_refused_is_retried_then_raised():
     async def run() -> None:
         http = httpx.AsyncClient(event_hooks={"request": [_async_append(attempts)]})
         async with AsyncClient(
-            f"http://127.0.0.1:{port}", max_retries=1, backoff_base=0.01, http_client=http
+            f"http://127.0.0.1:{port}",
+            retry=RetryPolicy(max_retries=1, backoff_base=0.01),
+            http_client=http,
         ) as c:
             with pytest.raises(APIConnectionError):
                 await c.health()
@@ -271,3 +277,44 @@ def test_async_503_is_retried(monkeypatch):
 
     assert asyncio.run(run()) == {"status": "ok"}
     assert script.calls == 2 and recorded == [1.0]
+
+
+def test_a_retry_policy_is_an_argument_and_is_followed(sleeps):
+    # RetryPolicy was exported but no client took one: its backoff_max was unreachable.
+    policy = RetryPolicy(max_retries=4, backoff_base=10.0, backoff_max=0.25)
+    script = Script(busy(None))
+    c = Client("http://svc", retry=policy, transport=httpx.MockTransport(script))
+    with c, pytest.raises(OverloadedError):
+        c.health()
+    assert script.calls == 5 and len(sleeps) == 4 and max(sleeps) <= 0.25
+    with pytest.raises(ValueError, match="not both"):
+        Client("http://svc", retry=policy, max_retries=1)
+
+
+def test_transport_and_http_client_together_are_refused():
+    # The given http_client has its own transport: the other one used to be dropped silently.
+    transport = httpx.MockTransport(lambda request: httpx.Response(200))
+    with httpx.Client() as http, pytest.raises(ValueError, match="transport or http_client"):
+        Client("http://svc", transport=transport, http_client=http)
+
+    async def build_async() -> None:
+        async with httpx.AsyncClient() as http:
+            AsyncClient("http://svc", transport=transport, http_client=http)
+
+    with pytest.raises(ValueError, match="transport or http_client, not both"):
+        asyncio.run(build_async())
+
+
+def test_the_servers_write_key_variable_is_not_the_clients(monkeypatch):
+    # A shell that starts the service with CDPAE_API_KEY must not make its clients writers.
+    seen: list[httpx.Request] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"status": "ok"})
+
+    monkeypatch.setenv("CDPAE_API_KEY", "server-write-key")
+    monkeypatch.delenv("CDPAE_CLIENT_API_KEY", raising=False)
+    with Client("http://svc", transport=httpx.MockTransport(record)) as c:
+        c.health()
+    assert "authorization" not in seen[0].headers

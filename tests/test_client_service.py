@@ -27,6 +27,7 @@ from app.client import (
     GalleryItem,
     NotFoundError,
     PermissionDeniedError,
+    RetryPolicy,
 )
 from app.main import create_app
 from app.search_cli import main as search_main
@@ -51,7 +52,9 @@ def server(synthetic_bundle: Path, tmp_path_factory) -> Iterator[str]:
     try:
         # The client itself waits: connection refused and the 503 of a loading
         # gallery are exactly what it retries.
-        with Client(served.url, api_key=READ_KEY, max_retries=12, backoff_base=0.1) as client:
+        with Client(
+            served.url, api_key=READ_KEY, retry=RetryPolicy(max_retries=12, backoff_base=0.1)
+        ) as client:
             assert client.ready()["status"] == "ready"
         yield served.url
     finally:
@@ -195,7 +198,7 @@ def test_search_cli_prints_the_served_hits(server, reader, gallery, tmp_path, ca
     assert search_main([*argv, "--top-k", "3"]) == 1
     assert "401" in capsys.readouterr().err
     # the same through the installed command line, key from the environment
-    env = {**os.environ, "CDPAE_API_KEY": READ_KEY}
+    env = {**os.environ, "CDPAE_CLIENT_API_KEY": READ_KEY}
     shell = subprocess.run(
         [sys.executable, "-m", "app.cli", "search", *argv, "--top-k", "3"],
         capture_output=True,

@@ -1,5 +1,7 @@
 """The .npz loader: any shape of valid file loads; every malformed file is refused, saying why."""
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -77,7 +79,7 @@ def test_a_validation_split_in_the_file_is_used(tmp_path):
         ),
         (
             lambda a: a["img_train"].__setitem__((3, 2), np.nan),
-            "img_train has NaN or infinite values in 1 rows",
+            "img_train has NaN or infinite values in 1 of 40 rows, the first at row 3, column 2",
         ),
         (lambda a: a["txt_test"].__setitem__((0, 0), np.inf), "txt_test has NaN or infinite"),
         (
@@ -119,8 +121,9 @@ def test_validation_with_other_dimensions_is_refused(tmp_path):
 def test_object_arrays_and_plain_npy_are_refused(tmp_path):
     arrays = _arrays()
     arrays["id_train"] = np.array([object()] * 40, dtype=object)
-    with pytest.raises(DatasetError, match="'id_train' can't be read"):
+    with pytest.raises(DatasetError, match="'id_train' holds Python objects") as info:
         load_dataset(_write(tmp_path, arrays))
+    assert "allow_pickle" not in str(info.value)
     npy = tmp_path / "plain.npz"
     with npy.open("wb") as f:
         np.save(f, np.zeros((3, 3)))
@@ -143,10 +146,19 @@ def test_too_small_train_split(tmp_path):
 def test_not_a_file_and_not_an_npz(tmp_path):
     with pytest.raises(DatasetError, match="no such file, and not a built-in"):
         load_dataset(tmp_path / "nope.npz")
+    # numpy's message for these is about allow_pickle, which points the wrong way
     junk = tmp_path / "junk.npz"
-    junk.write_text("not a zip")
+    junk.write_text("img_train,txt_train\n1,2\n")
+    pickled = tmp_path / "pickled.npz"
+    pickled.write_bytes(pickle.dumps({"img_train": [[1.0]]}))
+    for path in (junk, pickled):
+        with pytest.raises(DatasetError, match=r"not an \.npz file \(a zip archive") as info:
+            load_dataset(path)
+        assert "allow_pickle" not in str(info.value)
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(b"PK\x03\x04" + b"\x00" * 40)  # a zip header and nothing valid after
     with pytest.raises(DatasetError, match=r"not a readable \.npz"):
-        load_dataset(junk)
+        load_dataset(broken)
 
 
 def test_train_cli_rejects_a_malformed_file_before_training(tmp_path, capsys):

@@ -8,6 +8,7 @@ categories. Numpy only, so benchmarks and the evaluator can use it without torch
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,9 +104,10 @@ def load_dataset(
     sees the test split.
     """
     name, path = resolve(data)
+    _check_is_npz(path)
     try:
         archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:  # a zip header, then garbage
         raise DatasetError(f"{path}: not a readable .npz file ({exc})") from exc
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise DatasetError(f"{path}: a single .npy array, not an .npz archive of named arrays")
@@ -115,7 +117,11 @@ def load_dataset(
             try:
                 arrays[key] = archive[key]
             except ValueError as exc:  # object arrays need pickle, which is never allowed
-                raise DatasetError(f"{path}: array {key!r} can't be read ({exc})") from exc
+                # numpy's own message suggests allow_pickle, which this loader never sets
+                raise DatasetError(
+                    f"{path}: array {key!r} holds Python objects (dtype object), which are never "
+                    "loaded; save it as numbers, or as fixed-width strings for ids and names"
+                ) from exc
 
     train = _read_split(arrays, "train", path, require_labels)
     test = _read_split(arrays, "test", path, require_labels)
@@ -143,6 +149,28 @@ def load_dataset(
     return Dataset(
         name=name, train=train, validation=validation, test=test, class_names=class_names
     )
+
+
+# A .npz is a zip archive; a .npy starts with numpy's magic string.
+_NPZ_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def _check_is_npz(path: Path) -> None:
+    """Say what the file is not before numpy does: for a text or pickle file numpy's error is
+    about allow_pickle, which points the wrong way."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+    except OSError as exc:
+        raise DatasetError(f"{path}: can't be read ({exc.strerror})") from exc
+    if head.startswith(_NPY_MAGIC):
+        raise DatasetError(f"{path}: a single .npy array, not an .npz archive of named arrays")
+    if not head.startswith(_NPZ_MAGIC):
+        raise DatasetError(
+            f"{path}: not an .npz file (a zip archive of named arrays, as numpy.savez writes); "
+            f"it starts with {head!r}"
+        )
 
 
 def _check_same_dims(train: Split, other: Split, name: str, path: Path) -> None:
@@ -173,9 +201,15 @@ def _read_split(
             )
         if not np.issubdtype(matrix.dtype, np.number):
             raise DatasetError(f"{path}: {key} must be numeric, got dtype {matrix.dtype}")
-        if not np.isfinite(matrix).all():
-            bad = int((~np.isfinite(matrix)).any(axis=1).sum())
-            raise DatasetError(f"{path}: {key} has NaN or infinite values in {bad} rows")
+        finite = np.isfinite(matrix)
+        if not finite.all():
+            bad_rows = (~finite).any(axis=1)
+            row, column = (int(i) for i in np.argwhere(~finite)[0])
+            raise DatasetError(
+                f"{path}: {key} has NaN or infinite values in {int(bad_rows.sum())} of "
+                f"{len(matrix)} rows, the first at row {row}, column {column} "
+                f"({matrix[row, column]})"
+            )
     if image.shape[0] != text.shape[0]:
         raise DatasetError(
             f"{path}: {keys['image']} has {image.shape[0]} rows but {keys['text']} has "

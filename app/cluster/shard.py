@@ -122,6 +122,8 @@ class GalleryShard:
     def stats(self) -> tuple[str, int, int, bool]:
         return self.replica.stats()
 
-    def pid(self) -> int:
-        """The actor's process id (fault tests kill it)."""
-        return os.getpid()
+    def whereabouts(self) -> tuple[int, str]:
+        """(process id, Ray node id) of this actor: fault tests kill one or its node."""
+        import ray  # a shard always runs inside Ray
+
+        return os.getpid(), ray.get_runtime_context().get_node_id()

@@ -9,8 +9,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app.deps import Admission, EngineDep, ModalityDep, ReadAccess, SettingsDep, WriteAccess
-from app.errors import ApiError
-from app.schemas import DeleteResponse, GalleryInfo, UpsertRequest, UpsertResponse
+from app.errors import ApiError, error_responses
+from app.schemas import DeleteResponse, GalleryInfo, Item, UpsertRequest, UpsertResponse
 
 router = APIRouter(prefix="/gallery", tags=["gallery"])
 
@@ -18,6 +18,7 @@ router = APIRouter(prefix="/gallery", tags=["gallery"])
 @router.put(
     "/{modality}/items",
     response_model=UpsertResponse,
+    responses=error_responses(400, 401, 403, 404, 413, 422, 503, 507),
     dependencies=[WriteAccess, Admission],
     summary="Insert or replace items (all or nothing, durable when acknowledged)",
 )
@@ -50,17 +51,24 @@ def upsert_items(
     return UpsertResponse(upserted=len(items), count=count)
 
 
-@router.get("/{modality}/items/{item_id:path}", dependencies=[ReadAccess], summary="One item")
-def get_item(modality: ModalityDep, item_id: str, engine: EngineDep) -> dict:
+@router.get(
+    "/{modality}/items/{item_id:path}",
+    response_model=Item,
+    responses=error_responses(401, 404, 503),
+    dependencies=[ReadAccess],
+    summary="One item",
+)
+def get_item(modality: ModalityDep, item_id: str, engine: EngineDep) -> Item:
     item = engine.get(modality, item_id)
     if item is None:
         raise ApiError(404, "not_found", f"no {modality} item with id {item_id!r}", "id")
-    return {"id": item.id, "vector": item.vector.tolist(), "metadata": item.metadata}
+    return Item(id=item.id, vector=item.vector.tolist(), metadata=item.metadata)
 
 
 @router.delete(
     "/{modality}/items/{item_id:path}",
     response_model=DeleteResponse,
+    responses=error_responses(401, 403, 404, 503, 507),
     dependencies=[WriteAccess, Admission],
     summary="Delete one item (durable when acknowledged)",
 )
@@ -72,7 +80,11 @@ def delete_item(modality: ModalityDep, item_id: str, engine: EngineDep) -> Delet
 
 
 @router.get(
-    "/{modality}", response_model=GalleryInfo, dependencies=[ReadAccess], summary="Gallery size"
+    "/{modality}",
+    response_model=GalleryInfo,
+    responses=error_responses(401, 404, 503),
+    dependencies=[ReadAccess],
+    summary="Gallery size",
 )
 def gallery_info(modality: ModalityDep, engine: EngineDep) -> GalleryInfo:
     return GalleryInfo(

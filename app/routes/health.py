@@ -6,13 +6,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.errors import error_body
+from app.errors import error_body, error_responses
 from app.schemas import Health, Ready
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", response_model=Health, summary="The process is up")
+@router.get(
+    "/healthz", response_model=Health, responses=error_responses(), summary="The process is up"
+)
 async def healthz() -> Health:
     return Health(status="ok")
 
@@ -20,7 +22,7 @@ async def healthz() -> Health:
 @router.get(
     "/readyz",
     response_model=Ready,
-    responses={503: {"description": "still loading, or the gallery failed to load"}},
+    responses=error_responses(503),
     summary="Bundle loaded and verified, gallery built",
 )
 async def readyz(request: Request) -> Response:
@@ -41,7 +43,18 @@ async def readyz(request: Request) -> Response:
     )
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "Prometheus text exposition format",
+            "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+        },
+        **error_responses(),
+    },
+)
 async def metrics(request: Request) -> Response:
     registry = request.app.state.metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -10,7 +10,7 @@ from fastapi.responses import Response
 from app.bundle import Modality
 from app.deps import Admission, EngineDep, ReadAccess, SettingsDep
 from app.engine import Engine
-from app.errors import ApiError
+from app.errors import ApiError, error_responses
 from app.schemas import SearchRequest, SearchResponse
 from app.settings import Settings
 
@@ -34,7 +34,7 @@ def _search(
         )
     features = engine.check_vectors(query_modality, body.vectors, "vectors[{i}]")
     results = engine.search(
-        query_modality, features, body.top_k, body.similarity, body.filter, body.mode
+        query_modality, features, body.top_k, body.similarity.value, body.filter, body.mode.value
     )
     # Serialised by hand: pydantic models for up to 256 x 1000 hits cost more than the search.
     payload = ",".join(
@@ -51,19 +51,36 @@ def _search(
     return Response('{"results":[' + payload + "]}", media_type="application/json", headers=headers)
 
 
+# 403 never: a search takes either key.
+_RESPONSES = {
+    200: {
+        "headers": {
+            "X-Gallery-Stale": {
+                "description": "true when a replica can't reach the shared gallery store and "
+                "answers from memory",
+                "schema": {"type": "string", "enum": ["true"]},
+            }
+        }
+    },
+    **error_responses(400, 401, 413, 422, 503),
+}
+
+
 @router.post(
     "/image-to-text",
     response_model=SearchResponse,
+    responses=_RESPONSES,
     summary="Rank the text gallery for image feature vectors",
 )
-def image_to_text(body: SearchRequest, engine: EngineDep, settings: SettingsDep) -> Response:
+def search_image_to_text(body: SearchRequest, engine: EngineDep, settings: SettingsDep) -> Response:
     return _search(engine, settings, "image", body)
 
 
 @router.post(
     "/text-to-image",
     response_model=SearchResponse,
+    responses=_RESPONSES,
     summary="Rank the image gallery for text feature vectors",
 )
-def text_to_image(body: SearchRequest, engine: EngineDep, settings: SettingsDep) -> Response:
+def search_text_to_image(body: SearchRequest, engine: EngineDep, settings: SettingsDep) -> Response:
     return _search(engine, settings, "text", body)

@@ -10,6 +10,9 @@ Two generators, both hypothesis:
 
 Every response is checked by `problems()`: no 5xx, strict JSON (no NaN), errors in the one
 shape {"error": {"type", "field", "message"}} naming the field of every 422 and auth error.
+Schema cases are also checked by schemathesis against the document itself (`RESPONSE_CHECKS`):
+the status is documented for the operation, the body matches the documented schema, the
+content type and headers are the documented ones, and schema-violating requests get a 4xx.
 """
 
 from __future__ import annotations
@@ -27,7 +30,30 @@ import httpx
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from schemathesis.checks import not_a_server_error
+from schemathesis.core.failures import FailureGroup
 from schemathesis.generation import GenerationMode
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    ignored_auth,
+    negative_data_rejection,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+# schemathesis's checks of a response against the OpenAPI document it was generated from.
+RESPONSE_CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+    response_headers_conformance,
+    negative_data_rejection,
+    # a 2xx on an operation that declares a key: the same request without the key, and with a
+    # wrong one, must be refused (re-sent to the server that answered)
+    ignored_auth,
+]
 
 WRITE_KEY = "fuzz-write-key-0123456789"
 READ_KEY = "fuzz-read-key-9876543210"
@@ -98,6 +124,24 @@ def problems(response: httpx.Response) -> list[str]:
                 if not math.isfinite(hit["score"]):
                     found.append(f"{where}: non-finite score {hit}")
     return found
+
+
+def schema_violations(case: Any, response: httpx.Response, base_url: str) -> list[str]:
+    """What schemathesis's RESPONSE_CHECKS find wrong with `response` to `case` (empty: fine).
+
+    `base_url` is where checks that re-send the request (ignored_auth) send it.
+    """
+    try:
+        case.validate_response(
+            response,
+            checks=RESPONSE_CHECKS,
+            headers=dict(response.request.headers),
+            transport_kwargs={"base_url": base_url},
+        )
+    except FailureGroup as group:
+        where = f"{response.request.method} {response.request.url.path} -> {response.status_code}"
+        return [f"{where}: {exc}" for exc in group.exceptions]
+    return []
 
 
 def schema_operations(client: httpx.Client) -> list[Any]:
@@ -185,7 +229,8 @@ def fuzz_schema(
             response = _send_case(client, case, auth)
             if response is None:
                 return
-            _record(report, response, problems(response), stop_on_problem)
+            found = problems(response) + schema_violations(case, response, str(client.base_url))
+            _record(report, response, found, stop_on_problem)
 
         _run(one, examples, seed)
 
