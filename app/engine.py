@@ -214,8 +214,7 @@ class Engine:
         rows = list(zip(ids, features, metadata, strict=True))
         if self.cluster is not None:
             seq = self.store.upsert(modality, rows, derived, self.bundle_key)
-            self.cluster.caught_up(modality, ids, seq)
-            return self.cluster.count(modality)
+            return self.cluster.caught_up(modality, ids, seq)
         replica = self.replicas[modality]
         metadata_json = [json.dumps(m, sort_keys=True) for m in metadata]
         with replica.writer:
@@ -229,8 +228,7 @@ class Engine:
             seq = self.store.delete(modality, item_id)
             if seq is None:
                 return None
-            self.cluster.caught_up(modality, [item_id], seq)
-            return self.cluster.count(modality)
+            return self.cluster.caught_up(modality, [item_id], seq)
         replica = self.replicas[modality]
         with replica.writer:
             if not self.store.delete(modality, item_id):

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 
 from app.ann import AnnParams
 from app.bundle import MANIFEST, MODALITIES, Bundle, load_bundle, sha256_of
+from app.cluster import ShardUnavailableError
 from app.engine import Engine
 from app.errors import install_error_handlers
 from app.metrics import ServiceMetrics, ServiceMiddleware
@@ -124,7 +125,10 @@ def _gallery_stats(app: FastAPI) -> list[tuple[str, int, int, bool]]:
     engine: Engine | None = app.state.engine
     if engine is None:
         return []
-    return engine.gallery_stats()
+    try:
+        return engine.gallery_stats()
+    except ShardUnavailableError:  # /metrics still answers, without the gallery gauges
+        return []
 
 
 def _neighbour_search(app: FastAPI) -> str | None:

@@ -153,14 +153,19 @@ class ShardedGalleries:
 
     # --- writes --------------------------------------------------------------------------------
 
-    def caught_up(self, modality: Modality, ids: Sequence[str], seq: int) -> None:
-        """Wait until the shards owning `ids` have applied the store up to `seq`."""
-        owners = sorted({shard_of(item_id, self.n_shards) for item_id in ids})
-        self._gather(
-            [self.shards[modality][o].catch_up_to.remote(seq) for o in owners],
-            "the write was committed to the database but not yet applied by its shard "
+    def caught_up(self, modality: Modality, ids: Sequence[str], seq: int) -> int:
+        """Wait until the shards owning `ids` have applied the store up to `seq`; the
+        gallery's count afterwards (the other shards' counts come in the same round trip)."""
+        owners = {shard_of(item_id, self.n_shards) for item_id in ids}
+        counts = self._gather(
+            [
+                shard.catch_up_to.remote(seq) if i in owners else shard.count.remote()
+                for i, shard in enumerate(self.shards[modality])
+            ],
+            "the write was committed to the database but not confirmed by every shard "
             "(retrying the same write is safe)",
         )
+        return int(sum(counts))
 
     def count(self, modality: Modality) -> int:
         counts = self._gather(
