@@ -276,7 +276,8 @@ class Gallery:
         started = time.perf_counter()
         basis = pool_basis(self.pool.units, params.dim)
         with self.lock.write():
-            self._changed_during_build = set()
+            if self._changed_during_build is None:  # else start_background_ann marked it
+                self._changed_during_build = set()
             capacity = max(self.capacity, 16)
         knn = AnnIndex(self.pool.dim, capacity, params, basis)
         cosine = AnnIndex(self.pool.dim, capacity, params, basis)
@@ -312,6 +313,22 @@ class Gallery:
             time.perf_counter() - started,
             len(changed),
         )
+
+    def start_background_ann(self, params: AnnParams) -> threading.Thread:
+        """build_ann_in_background in a thread of its own, marked as under way before this
+        returns: a search that comes right after sees `building_ann` and takes the exact path
+        instead of building the indexes itself, synchronously, under the write lock."""
+        with self.lock.write():
+            if self._changed_during_build is None:
+                self._changed_during_build = set()
+        thread = threading.Thread(
+            target=self.build_ann_in_background,
+            args=(params,),
+            name=f"ann-{self.modality}",
+            daemon=True,
+        )
+        thread.start()
+        return thread
 
     @property
     def building_ann(self) -> bool:

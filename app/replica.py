@@ -104,12 +104,7 @@ class GalleryReplica:
         )
         if self.wants_ann():
             # Ready without them: searches take the exact path until they are built.
-            threading.Thread(
-                target=self.gallery.build_ann_in_background,
-                args=(self.ann_params,),
-                name=f"ann-{self.name}",
-                daemon=True,
-            ).start()
+            self.gallery.start_background_ann(self.ann_params)
         return embedded
 
     @property

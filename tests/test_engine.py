@@ -200,3 +200,21 @@ def test_indexes_built_in_the_background_miss_no_change_made_meanwhile(engine):
         assert {f"late-{i}" for i in range(changed)} <= ids
         assert not {f"t-{i}" for i in range(changed)} & ids
         assert len(ids) == engine.count("text")
+
+
+def test_a_search_right_after_load_does_not_build_the_indexes_itself(synthetic_bundle, tmp_path):
+    """The background build is marked as under way before load() returns: a search that
+    comes at once takes the exact path, instead of building the indexes synchronously under
+    the write lock (at 200k items that request took over a minute)."""
+    store = SqliteStore(tmp_path / "store")
+    eng = Engine(load_bundle(synthetic_bundle), store, ann_min_items=20)
+    eng.seed_if_empty()
+    eng.load()  # 30 seeded items per modality: over ann_min_items
+    gallery = eng.replicas["text"].gallery
+    assert gallery.building_ann or gallery.ann is not None
+    eng.search("image", np.zeros((1, 16), dtype=np.float32), 5)
+    deadline = time.monotonic() + 30
+    while gallery.building_ann and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gallery.ann is not None and not gallery.building_ann
+    store.close()
