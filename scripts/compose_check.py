@@ -654,7 +654,10 @@ def check(args: argparse.Namespace) -> list[str]:
                 for h in hits["results"][0]["hits"]  # type: ignore[index]
             )
             numbers["search"] = f"POST {path} top_k={body['top_k']}: {answer}"
-            ok(f"search on 127.0.0.1:{port}{path} = make run's on the same bundle: {answer}")
+            ok(
+                f"search on 127.0.0.1:{port}{path} = make run's cdpae serve on the same bundle: "
+                + answer
+            )
 
             item_id = f"compose-check-{int(time.time())}"
             item = {
@@ -684,7 +687,7 @@ def check(args: argparse.Namespace) -> list[str]:
                 raise CheckFailed(
                     f"train on an existing bundle: exit {code}, {took:.0f} s\n{train_log[-2000:]}"
                 )
-            ok(f"train exits at once when the bundle exists ({took:.2f} s)")
+            ok(f"train exits at once when the bundle exists ({took * 1000:.0f} ms)")
             wait_healthy(compose, 300)
             if not item_there():
                 raise CheckFailed("the upserted item is gone after compose down / up")
