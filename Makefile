@@ -7,7 +7,7 @@ BUNDLE ?= models/$(DATA)
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install run test lint bundle clean
+.PHONY: install run test lint bundle clean compose-check
 
 # The stamp re-installs when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -29,6 +29,13 @@ run: install bundle
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# Not part of `make test` (it builds images and trains: minutes): builds and runs
+# docker-compose.yml for real against podman, then tears everything down. See README "Deploy".
+# COMPOSE_CHECK_ARGS=--cold builds without the layer cache; --purge deletes the images after.
+# It installs .venv first: the check compares the container's search with `make run`'s.
+compose-check: install
+	$(PYTHON) -m scripts.compose_check --cdpae $(BIN)/cdpae $(COMPOSE_CHECK_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

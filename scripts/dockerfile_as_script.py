@@ -11,8 +11,9 @@ in the script:
 - absolute container paths (/src, /wheels, /models, /data) live under the stage's directory;
 - apt-get steps are replaced by a check that the tools they install are present;
 - useradd / chown are skipped (no users are created on the host);
-- `--index-url https://download.pytorch.org/whl/cpu` is dropped: this machine's pip
-  configuration already provides the CPU torch wheel;
+- ARG lines become `export NAME="${NAME-default}"`: set NAME in the environment to override
+  (e.g. TORCH_SOURCE=local with the wheel in docker/local-wheels/, offline);
+- a COPY into /usr/local/ (a Python prefix in the image) copies into the stage's venv;
 - `--no-cache-dir` is dropped so the host's pip cache is reused (hnswlib compiles once).
 USER, EXPOSE and VOLUME have no shell equivalent and are listed only.
 """
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MAPPED_DIRS = ("/src", "/wheels", "/models", "/data")
+MAPPED_DIRS = ("/src", "/wheels", "/models", "/data", "/local-wheels", "/torch")
 # Absolute paths that mean the same thing on the host, or only matter to apt.
 HOST_PATHS = ("/dev/null", "/var/lib/apt/lists")
 SKIPPED_COMMANDS = ("useradd", "chown")
@@ -140,7 +141,6 @@ def adapt_command(command: str) -> str:
         return " && ".join(checks) if checks else ": apt step skipped"
     if words[0] in SKIPPED_COMMANDS:
         return f": skipped {words[0]}"
-    command = command.replace("--index-url https://download.pytorch.org/whl/cpu", "")
     return command.replace("--no-cache-dir", "")
 
 
@@ -170,16 +170,23 @@ def stage_script(stage: Stage, root: Path) -> str:
         elif ins.keyword == "WORKDIR":
             path = map_paths(ins.args, stage_root)
             out.append(f"mkdir -p {path} && cd {path}")
+        elif ins.keyword == "ARG":
+            name, _, default = ins.args.partition("=")
+            out.append(f'export {name}="${{{name}-{default.strip(chr(34))}}}"')
         elif ins.keyword == "COPY":
             source_stage = copy_from(ins)
             parts = shlex.split(re.sub(r"--from=\S+\s+", "", ins.args))
             sources, dest = parts[:-1], parts[-1]
             if source_stage:
                 src_root = str(root / source_stage)
-                srcs = " ".join(map_paths(s, src_root) for s in sources)
-                dest = map_paths(dest, stage_root)
+                paths = [map_paths(s, src_root) for s in sources]
             else:
-                srcs = " ".join(shlex.quote(str(REPO / s)) for s in sources)
+                paths = [str(REPO / s) + ("/" if s.endswith("/") else "") for s in sources]
+            # Docker copies the contents of a `dir/` source; cp -a does so for `dir/.`
+            srcs = " ".join(shlex.quote(s + "." if s.endswith("/") else s) for s in paths)
+            dest = (
+                str(venv) + "/" if dest.rstrip("/") == "/usr/local" else map_paths(dest, stage_root)
+            )
             out.append(f"mkdir -p {dest if dest.endswith('/') else os.path.dirname(dest) or '.'}")
             out.append(f"cp -a {srcs} {dest}")
         else:

@@ -79,8 +79,8 @@ def cdpae_commands(shell: str) -> list[list[str]]:
     return out
 
 
-def test_dockerfile_has_the_three_stages_and_copies_only_real_unignored_paths(stages):
-    assert {"wheels", "api", "train"} <= set(stages)
+def test_dockerfile_has_its_stages_and_copies_only_real_unignored_paths(stages):
+    assert {"wheels", "api", "torch", "train"} <= set(stages)
     for stage in stages.values():
         for args in instructions(stage, "COPY"):
             if args.startswith("--from="):
@@ -115,12 +115,53 @@ def test_train_image_pins_the_same_torch_as_pyproject_and_trains_a_shipped_data_
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     pins = [d for d in pyproject["project"]["optional-dependencies"]["train"] if "torch" in d]
     assert pins == ["torch==2.13.0"]
-    assert "torch==2.13.0" in " ".join(instructions(train, "RUN"))
+    # torch is installed under a prefix in the `torch` stage, whose files train copies
+    torch_run = " ".join(instructions(stages["torch"], "RUN"))
+    assert '"torch==2.13.0"' in torch_run and '"torch==2.13.0+cpu"' in torch_run
+    assert "--prefix /torch" in torch_run
+    assert "--from=torch /torch/ /usr/local/" in instructions(train, "COPY")
     (cmd,) = instructions(train, "CMD")
     argv = shell_command(cmd)
     commands = cdpae_commands(argv[-1])
     assert commands and all(assert_cdpae_command(c) is None for c in commands)
     assert instructions(train, "USER")[-1] != "root"
+
+
+def dockerfile_args(stage) -> dict[str, str]:
+    return {
+        name: value for name, _, value in (a.partition("=") for a in instructions(stage, "ARG"))
+    }
+
+
+def test_build_arguments_torch_source_and_extras(compose, stages):
+    # TORCH_SOURCE: the compose file's default is the Dockerfile's, so both build the same
+    (default,) = {dockerfile_args(stages["torch"])["TORCH_SOURCE"]}
+    assert default == "https://download.pytorch.org/whl/cpu"
+    args = compose["services"]["train"]["build"]["args"]
+    assert args["TORCH_SOURCE"] == "${TORCH_SOURCE:-" + default + "}"
+    assert "local)" in " ".join(instructions(stages["torch"], "RUN"))
+    assert not dockerignored("docker/local-wheels/x.whl")
+    # EXTRAS (e.g. cluster): wheels are built for it, api installs them, still offline
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "cluster" in pyproject["project"]["optional-dependencies"]
+    for name in ("wheels", "api"):
+        assert dockerfile_args(stages[name])["EXTRAS"] == '""'
+        assert "${EXTRAS:+[$EXTRAS]}" in " ".join(instructions(stages[name], "RUN"))
+
+
+def test_dockerfile_builds_air_gapped_and_portable(stages):
+    text = (REPO / "Dockerfile").read_text()
+    # a `# syntax=` line makes BuildKit fetch a frontend image from a registry
+    assert not re.search(r"^#\s*syntax=", text, flags=re.MULTILINE)
+    # hnswlib's -march=native would tie the api image to the build host's CPU
+    assert env_of(stages["wheels"])["HNSWLIB_NO_NATIVE"] == "1"
+
+
+def test_compose_check_finds_the_base_images_the_dockerfile_names():
+    from scripts.compose_check import base_images, qualified
+
+    assert base_images(REPO / "Dockerfile") == ["python:3.11-slim"]
+    assert qualified("python:3.11-slim") == "docker.io/library/python:3.11-slim"
 
 
 def test_compose_services_volumes_ports_and_commands_refer_to_real_things(compose, stages):
@@ -155,8 +196,10 @@ def test_compose_services_volumes_ports_and_commands_refer_to_real_things(compos
         assert key.removeprefix("CDPAE_").lower() in Settings.model_fields, key
     (port,) = api["ports"]
     assert port.rsplit(":", 1)[1] == env["CDPAE_PORT"] == instructions(stages["api"], "EXPOSE")[0]
-    probe = " ".join(api["healthcheck"]["test"])
-    assert f"127.0.0.1:{env['CDPAE_PORT']}/readyz" in probe
+    kind, probe = api["healthcheck"]["test"]
+    assert kind == "CMD-SHELL" and f"127.0.0.1:{env['CDPAE_PORT']}/readyz" in probe
+    # docker-compose 1.29 (Debian 12's) rejects a top-level `name:`
+    assert set(compose) == {"services", "volumes"}
 
 
 def free_port() -> int:
@@ -211,12 +254,7 @@ def test_compose_tool_accepts_the_file(tmp_path):
     command = compose_config_command()
     if command is None:
         pytest.skip("neither `docker compose` nor `docker-compose` is installed")
-    text = (REPO / "docker-compose.yml").read_text()
-    if command == ["docker-compose"]:
-        # v1 (1.29) predates the top-level `name:`; everything else is checked as is.
-        text = "\n".join(line for line in text.splitlines() if not line.startswith("name:"))
-    (tmp_path / "compose.yml").write_text(text)
-    files = ["-f", str(tmp_path / "compose.yml"), "--project-directory", str(REPO)]
+    files = ["-f", str(REPO / "docker-compose.yml")]
     result = subprocess.run(
         [*command, *files, "config"],
         capture_output=True,
