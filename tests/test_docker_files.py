@@ -165,13 +165,16 @@ def test_compose_check_finds_the_base_images_the_dockerfile_names():
 
 
 def test_compose_services_volumes_ports_and_commands_refer_to_real_things(compose, stages):
-    services = compose["services"]
+    every = compose["services"]
+    # `docker compose up` starts these two; the rest is the cluster profile's
+    services = {n: s for n, s in every.items() if not s.get("profiles")}
     assert set(services) == {"train", "api"}
     declared_volumes = set(compose["volumes"])
-    for name, service in services.items():
-        assert service["build"]["context"] == "."
-        assert service["build"]["target"] in stages, name
-        for mount in service["volumes"]:
+    for name, service in every.items():
+        if "build" in service:
+            assert service["build"]["context"] == "."
+            assert service["build"]["target"] in stages, name
+        for mount in service.get("volumes", []):
             source = mount.split(":")[0]
             assert source in declared_volumes, f"{name}: volume {source} is not declared"
 
@@ -200,6 +203,32 @@ def test_compose_services_volumes_ports_and_commands_refer_to_real_things(compos
     assert kind == "CMD-SHELL" and f"127.0.0.1:{env['CDPAE_PORT']}/readyz" in probe
     # docker-compose 1.29 (Debian 12's) rejects a top-level `name:`
     assert set(compose) == {"services", "volumes"}
+
+
+def test_compose_cluster_profile_is_postgres_a_ray_head_two_workers_and_the_api(compose):
+    cluster = {n: s for n, s in compose["services"].items() if "cluster" in s.get("profiles", [])}
+    assert set(cluster) == {"postgres", "ray-head", "ray-worker-1", "ray-worker-2", "api-cluster"}
+    # every Ray node (the front end is one too) runs the project's image with the cluster extra
+    nodes = ["ray-head", "ray-worker-1", "ray-worker-2", "api-cluster"]
+    assert {cluster[n]["image"] for n in nodes} == {"cdpae-api-cluster:latest"}
+    assert all(cluster[n]["build"]["args"]["EXTRAS"] == "cluster" for n in nodes)
+    head_port = re.search(r"--port=(\d+)", cluster["ray-head"]["command"]).group(1)
+    for worker in ("ray-worker-1", "ray-worker-2"):
+        assert f"--address=ray-head:{head_port}" in cluster[worker]["command"]
+        assert cluster[worker]["depends_on"]["ray-head"]["condition"] == "service_healthy"
+    api = cluster["api-cluster"]
+    env = dict(item.split("=", 1) for item in api["environment"] if "=" in item)
+    for key in (item.split("=", 1)[0] for item in api["environment"]):
+        if key.startswith("CDPAE_"):
+            assert key.removeprefix("CDPAE_").lower() in Settings.model_fields, key
+    assert env["CDPAE_RAY"] == f"ray-head:{head_port}"
+    assert (
+        env["CDPAE_STORE"].startswith("postgresql://") and "@postgres:5432/" in env["CDPAE_STORE"]
+    )
+    assert {"postgres", "ray-head", "train"} <= set(api["depends_on"])
+    assert "exec cdpae serve" in api["command"]
+    for name in ("postgres", "ray-head", "api-cluster"):
+        assert cluster[name]["healthcheck"]["test"][0] == "CMD-SHELL", name
 
 
 def free_port() -> int:
