@@ -12,6 +12,8 @@ PostgreSQL server, and the front end as a real `cdpae serve --ray ... --shards 4
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import numpy as np
 import pytest
@@ -73,7 +75,6 @@ def _add_synthetic_items(engine: Engine, n: int, seed: int = 0) -> None:
 
 
 def _wait_for_counts(url: str, engine: Engine, timeout: float = 60) -> None:
-    import time
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -145,3 +146,38 @@ def test_cluster_bad_input_gets_the_single_process_4xx(cluster):
         assert nan.status_code in (400, 422)
         assert client.get("/gallery/text/items/not-there").status_code == 404
         assert client.delete("/gallery/text/items/not-there").status_code == 404
+
+
+def test_ray_local_starts_a_one_node_ray_and_serves(synthetic_bundle, postgres_url, tmp_path):
+    """`cdpae serve --ray local`: the service starts its own one-node Ray (on a free GCS
+    port), serves searches and writes through its shards, and takes Ray down with it."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: socket paths
+    server = Server(
+        synthetic_bundle,
+        tmp_path / "data",
+        tmp_path / "serve.log",
+        *("--store", postgres_url, "--ray", "local", "--shards", "1"),
+        env={"RAY_TMPDIR": str(ray_tmp), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+    )
+    try:
+        server.wait_ready(timeout=180)
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            dims = {m: client.get(f"/gallery/{m}").json()["dim"] for m in ("image", "text")}
+            item = {"id": "local-1", "vector": [0.3] * dims["text"], "metadata": {"tag": "x"}}
+            upsert = client.put("/gallery/text/items", json={"items": [item]})
+            assert upsert.status_code == 200, upsert.text
+            found = client.post(
+                "/search/image-to-text",
+                json={"vectors": [[0.1] * dims["image"]], "top_k": 3, "filter": {"tag": "x"}},
+            )
+            assert found.status_code == 200, found.text
+            assert [h["id"] for h in found.json()["results"][0]["hits"]] == ["local-1"]
+    finally:
+        server.stop(timeout=30)
+    time.sleep(2)
+    left = subprocess.run(["pgrep", "-f", str(ray_tmp)], capture_output=True, text=True).stdout
+    assert not left.strip(), f"Ray processes left behind: {left}"
