@@ -75,7 +75,6 @@ def _add_synthetic_items(engine: Engine, n: int, seed: int = 0) -> None:
 
 
 def _wait_for_counts(url: str, engine: Engine, timeout: float = 60) -> None:
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         counts = {m: httpx.get(f"{url}/gallery/{m}").json()["count"] for m in ("image", "text")}
