@@ -3,6 +3,7 @@
     python3 -m scripts.compose_check            # build (layer cache kept), up, check, tear down
     python3 -m scripts.compose_check --cold     # the first build without the layer cache
     python3 -m scripts.compose_check --purge    # afterwards also delete the images and storage
+    python3 -m scripts.compose_check --profile cluster   # the cluster profile (below)
 
 The engine is podman serving the Docker API on a socket of its own, with its own image storage
 under var/compose-check/ (so a fresh clone builds cold and nothing else on the machine is
@@ -21,6 +22,15 @@ train trains the bundle on a fresh state; api turns healthy by the compose healt
 the image's own HEALTHCHECK; api runs as non-root with no torch and no compiler; a search
 through the published port returns the same hits as `make run` on the same bundle; an upsert
 survives `compose restart api` and `compose down` / `up`, where train exits at once.
+
+--profile cluster: `compose --profile cluster up -d` (postgres, ray-head, ray-worker-1/2 and
+api-cluster next to train and api; postgres:15 gets a stand-in from Debian's postgresql-15
+where no registry answers). The bundle an earlier run's train made (kept under var/) is put
+into the fresh bundles volume, else train trains it. It checks: api-cluster turns healthy and
+4 Ray nodes are alive; a search through api-cluster gives the hits of api and of `make run` on
+the same bundle; an upsert through api-cluster is found by a filter search; after `podman kill`
+of ray-worker-1 searches answer 200 again with the same hits (the time is printed); `compose
+up -d` brings the worker back, with 4 Ray nodes and the same answers. Then `down -v`.
 """
 
 from __future__ import annotations
@@ -331,8 +341,89 @@ def build_python_standin(image: str) -> None:
     log(f"stand-in {image} built ({time.monotonic() - start:.0f} s)")
 
 
-def ensure_base_images(report: dict[str, str]) -> None:
-    for short in base_images(REPO / "Dockerfile"):
+# PostgreSQL's stand-in: Debian's postgresql-15 under the same name, with an entrypoint that
+# does what the official image's does for what docker-compose.yml uses of it.
+POSTGRES_CONTAINERFILE = r"""FROM {base}
+ENV PATH=/usr/lib/postgresql/15/bin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    LANG=C.UTF-8 PGDATA=/var/lib/postgresql/data
+# create_main_cluster = false: the package's postinst would initdb a cluster of its own under
+# /var/lib/postgresql/15/main; the entrypoint initdbs PGDATA on the first start instead.
+RUN mkdir -p /etc/postgresql-common \
+    && echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf \
+    && apt-get update \
+    && apt-get install -y --no-install-recommends postgresql-15 \
+    && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb /usr/share/doc/* \
+    && mkdir -p "$PGDATA" /var/run/postgresql \
+    && chown -R postgres:postgres /var/lib/postgresql /var/run/postgresql \
+    && chmod 700 "$PGDATA"
+COPY docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
+USER postgres
+VOLUME ["/var/lib/postgresql/data"]
+EXPOSE 5432
+LABEL org.opencontainers.image.description="local stand-in for {name} (Debian {suite})"
+ENTRYPOINT ["docker-entrypoint.sh"]
+CMD ["postgres"]
+"""
+POSTGRES_ENTRYPOINT = r"""#!/bin/sh
+# The official postgres image's interface as docker-compose.yml uses it: POSTGRES_USER,
+# POSTGRES_PASSWORD and POSTGRES_DB make the superuser and the database on the first start (an
+# empty PGDATA); the server then listens on 5432 on every interface with password (scram) auth
+# over TCP, trust on the local socket (what pg_isready in the healthcheck uses).
+set -eu
+if [ "${1:-postgres}" != postgres ]; then exec "$@"; fi
+shift || true
+: "${POSTGRES_PASSWORD:?POSTGRES_PASSWORD must be set}"
+user="${POSTGRES_USER:-postgres}"
+db="${POSTGRES_DB:-$user}"
+if [ ! -s "$PGDATA/PG_VERSION" ]; then
+    pwfile="$(mktemp)"
+    printf '%s\n' "$POSTGRES_PASSWORD" > "$pwfile"
+    initdb -D "$PGDATA" --username="$user" --pwfile="$pwfile" \
+        --auth-local=trust --auth-host=scram-sha-256
+    rm -f "$pwfile"
+    echo "host all all all scram-sha-256" >> "$PGDATA/pg_hba.conf"
+    if [ "$db" != postgres ]; then
+        pg_ctl -D "$PGDATA" -o "-c listen_addresses=''" -w start
+        psql -v ON_ERROR_STOP=1 --username="$user" --dbname=postgres \
+            -c "CREATE DATABASE \"$db\""
+        pg_ctl -D "$PGDATA" -m fast -w stop
+    fi
+fi
+exec postgres -D "$PGDATA" -c listen_addresses='*' "$@"
+"""
+
+
+def build_postgres_standin(image: str) -> None:
+    if not re.fullmatch(r"docker\.io/library/postgres:15(?:-bookworm)?", image):
+        raise CheckFailed(f"no registry answers and there is no stand-in recipe for {image}")
+    build_standin_base()
+    context = STATE / "standin-postgres"
+    context.mkdir(parents=True, exist_ok=True)
+    entrypoint = context / "docker-entrypoint.sh"
+    entrypoint.write_text(POSTGRES_ENTRYPOINT)
+    entrypoint.chmod(0o755)
+    (context / "Containerfile").write_text(
+        POSTGRES_CONTAINERFILE.format(base=STANDIN_BASE, name=image, suite=DEBIAN_SUITE)
+    )
+    start = time.monotonic()
+    run(["podman", "build", "--network", "host", "-t", image, str(context)], env=engine_env())
+    log(f"stand-in {image} built ({time.monotonic() - start:.0f} s)")
+
+
+def compose_images(profile: str) -> list[str]:
+    """Images services of `profile` run without building them (postgres:15 for cluster)."""
+    import yaml
+
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    return [
+        s["image"]
+        for s in services.values()
+        if "build" not in s and profile in s.get("profiles", [])
+    ]
+
+
+def ensure_base_images(report: dict[str, str], extra: tuple[str, ...] = ()) -> None:
+    for short in [*base_images(REPO / "Dockerfile"), *extra]:
         image = qualified(short)
         if image_exists(image):
             report[short] = "present"
@@ -344,7 +435,10 @@ def ensure_base_images(report: dict[str, str]) -> None:
             continue
         log(f"no registry answers for {image}: building a local stand-in from Debian packages")
         start = time.monotonic()
-        build_python_standin(image)
+        if "/postgres:" in image:
+            build_postgres_standin(image)
+        else:
+            build_python_standin(image)
         report[short] = f"stand-in built in {time.monotonic() - start:.0f} s"
 
 
@@ -395,7 +489,14 @@ def stage_local_torch() -> str:
 
 
 class Compose:
-    def __init__(self, docker_host: str, port: int, torch_source: str) -> None:
+    def __init__(
+        self,
+        docker_host: str,
+        port: int,
+        torch_source: str,
+        profile: str | None = None,
+        cluster_port: int | None = None,
+    ) -> None:
         # Only what compose needs: no CDPAE_* from the caller's shell changes the deployment.
         self.env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -404,9 +505,13 @@ class Compose:
             "CDPAE_PUBLISH_PORT": str(port),
             "COMPOSE_HTTP_TIMEOUT": "600",
         }
+        if cluster_port is not None:
+            self.env["CDPAE_CLUSTER_PUBLISH_PORT"] = str(cluster_port)
         if torch_source:
             self.env["TORCH_SOURCE"] = torch_source
         self.base = ["docker-compose", "-p", PROJECT, "-f", str(REPO / "docker-compose.yml")]
+        if profile:
+            self.base += ["--profile", profile]
 
     def __call__(self, *args: str, check: bool = True, capture: bool = True) -> str:
         result = run([*self.base, *args], env=self.env, check=check, capture=capture)
@@ -452,23 +557,23 @@ def duration(started: str, finished: str) -> float | None:
     return None
 
 
-def wait_healthy(compose: Compose, timeout: float) -> tuple[float, str]:
+def wait_healthy(compose: Compose, timeout: float, service: str = "api") -> tuple[float, str]:
     """The compose healthcheck until it reports healthy: (seconds since the container started,
     the check's command). podman schedules healthchecks with systemd timers; without systemd
     (this host) nothing runs them, so this runs each one as the timer would
     (`podman healthcheck run`), every 2 s."""
     from datetime import datetime
 
-    container = compose.container("api")
+    container = compose.container(service)
     test = json.loads(inspect(container, "{{json .Config.Healthcheck.Test}}"))
     if test[0] != "CMD-SHELL" or "/readyz" not in test[1]:
-        raise CheckFailed(f"api's healthcheck is not the compose file's: {test}")
+        raise CheckFailed(f"{service}'s healthcheck is not the compose file's: {test}")
 
     def healthy() -> bool:
         run(["podman", "healthcheck", "run", container], env=engine_env(), check=False)
         return inspect(container, "{{.State.Health.Status}}") == "healthy"
 
-    wait_until("api to turn healthy", healthy, timeout, 2)
+    wait_until(f"{service} to turn healthy", healthy, timeout, 2)
     now = datetime.now().strftime("%Y-%m-%d %H:%M:%S.%f")  # podman's format, local time
     since = duration(inspect(container, "{{.State.StartedAt}}"), now) or 0.0
     return since, test[1]
@@ -632,7 +737,7 @@ def check(args: argparse.Namespace) -> list[str]:
 
             base = f"http://127.0.0.1:{port}"
             mount = podman("volume", "inspect", "--format", "{{.Mountpoint}}", f"{PROJECT}_bundles")
-            bundle = STATE / "bundle-from-volume"
+            bundle = STATE / "bundle-cache" / "wikipedia"  # kept: --profile cluster reuses it
             shutil.rmtree(bundle, ignore_errors=True)
             shutil.copytree(Path(mount) / "wikipedia", bundle)
             with make_run(args.cdpae, bundle, free_port()) as (local, example):
@@ -703,10 +808,276 @@ def check(args: argparse.Namespace) -> list[str]:
             if left or volumes:
                 raise CheckFailed(f"left behind: containers {left!r} volumes {volumes!r}")
             log("compose down -v: no container, network or volume of the check is left")
-            shutil.rmtree(STATE / "bundle-from-volume", ignore_errors=True)
             if args.purge:
                 podman("rmi", "--all", "--force", check=False)
     if args.purge:  # after the service stopped: nothing of the storage is in use any more
+        shutil.rmtree(STATE, ignore_errors=True)
+    for key, value in numbers.items():
+        print(f"  {key}: {value}")
+    return passed
+
+
+# ------------------------------------------------------------------------------ the cluster check
+
+
+@contextlib.contextmanager
+def healthchecks_ticking(interval: float = 2.0) -> Iterator[None]:
+    """Run the healthchecks of the project's running containers every `interval` s, as podman's
+    systemd timers would (none here): `depends_on: condition: service_healthy` waits on them."""
+    import threading
+
+    stop = threading.Event()
+
+    def tick() -> None:
+        has_check: dict[str, bool] = {}
+        while not stop.is_set():
+            with contextlib.suppress(Exception):
+                ids = podman(
+                    "ps",
+                    "-q",
+                    "--filter",
+                    f"label=com.docker.compose.project={PROJECT}",
+                    check=False,
+                ).split()
+                for cid in ids:
+                    if cid not in has_check:
+                        test = inspect(cid, "{{json .Config.Healthcheck}}")
+                        has_check[cid] = test not in ("", "null", "{}")
+                    if has_check[cid]:
+                        run(["podman", "healthcheck", "run", cid], env=engine_env(), check=False)
+            stop.wait(interval)
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+
+
+def http_headers(
+    method: str, url: str, body: object | None = None, timeout: float = 10
+) -> tuple[int, object, dict[str, str]]:
+    """http() that also returns the response headers (Retry-After on a 503)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"null"), dict(response.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace"), dict(exc.headers)
+
+
+def seed_bundle_volume(cache: Path) -> bool:
+    """Put a bundle `train` made before (kept under STATE by an earlier run) into the project's
+    `bundles` volume, labelled as compose labels its own, so `train` exits at once."""
+    if not (cache / "wikipedia" / "manifest.json").is_file():
+        return False
+    name = f"{PROJECT}_bundles"
+    podman(
+        "volume", "create",
+        "--label", f"com.docker.compose.project={PROJECT}",
+        "--label", "com.docker.compose.volume=bundles",
+        "--label", "com.docker.compose.version=1.29.2",
+        name,
+    )  # fmt: skip
+    mount = Path(podman("volume", "inspect", "--format", "{{.Mountpoint}}", name))
+    shutil.copytree(cache / "wikipedia", mount / "wikipedia")
+    for path in [mount, *mount.rglob("*")]:
+        os.chown(path, 10001, 10001)  # train's user, as if train had written it
+    return True
+
+
+def hits_of(answer: object) -> list[dict]:
+    return answer["results"][0]["hits"]  # type: ignore[index]
+
+
+def same_ranking(a: object, b: object) -> bool:
+    ha, hb = hits_of(a), hits_of(b)
+    return [h["id"] for h in ha] == [h["id"] for h in hb] and all(
+        abs(x["score"] - y["score"]) <= 1e-5 for x, y in zip(ha, hb, strict=True)
+    )
+
+
+def ray_alive_nodes(head: str) -> int:
+    out = podman(
+        "exec", head, "python", "-c",
+        "import ray; ray.init(address='auto', logging_level='ERROR');"
+        "print(sum(n['Alive'] for n in ray.nodes()))",
+    )  # fmt: skip
+    return int(out.split()[-1])
+
+
+def check_cluster(args: argparse.Namespace) -> list[str]:
+    """--profile cluster: postgres, a Ray head, two Ray workers and api-cluster next to api."""
+    passed: list[str] = []
+    numbers: dict[str, str] = {}
+
+    def ok(what: str) -> None:
+        passed.append(what)
+        log(f"PASS {what}")
+
+    ensure_tools()
+    write_engine_config()
+    with podman_service() as docker_host:
+        bases: dict[str, str] = {}
+        ensure_base_images(bases, tuple(compose_images("cluster")))
+        for name, how in bases.items():
+            numbers[f"base image {name}"] = how
+        torch_source = stage_local_torch()
+        port, cluster_port = free_port(), free_port()
+        compose = Compose(docker_host, port, torch_source, "cluster", cluster_port)
+        compose("down", "-v", "--remove-orphans")
+        try:
+            start = time.monotonic()
+            log("docker-compose --profile cluster build (layer cache kept)")
+            compose("build", capture=False)
+            numbers["build (all images, layer cache kept)"] = f"{time.monotonic() - start:.0f} s"
+            for image in ("cdpae-api-cluster", "cdpae-api", "postgres"):
+                tag = "postgres:15" if image == "postgres" else f"{image}:latest"
+                numbers[f"image {tag}"] = f"{image_size_mb(tag):.0f} MB"
+            log(", ".join(f"{k}: {v}" for k, v in numbers.items()))
+            seeded = seed_bundle_volume(STATE / "bundle-cache")
+            with healthchecks_ticking():
+                start = time.monotonic()
+                compose("up", "-d", capture=False)
+                code, took = wait_train_exit(compose, 1800)
+                train_log = compose("logs", "--no-color", "train")
+                if code != 0:
+                    raise CheckFailed(f"train exited {code}:\n{train_log[-3000:]}")
+                how = "kept from an earlier run" if seeded else f"trained in {took:.0f} s"
+                ok(f"train: the bundle ({how})")
+                healthy_after, _ = wait_healthy(compose, 900, "api-cluster")
+                numbers["api-cluster healthy after `up -d`"] = f"{time.monotonic() - start:.0f} s"
+                numbers["api-cluster healthy after its container started"] = (
+                    f"{healthy_after:.0f} s"
+                )
+                wait_healthy(compose, 300, "api")
+                ok(
+                    f"postgres, ray-head, ray-worker-1/2, api-cluster up; api-cluster healthy "
+                    f"{time.monotonic() - start:.0f} s after `up -d`"
+                )
+                head = compose.container("ray-head")
+                nodes = ray_alive_nodes(head)
+                if nodes != 4:
+                    raise CheckFailed(f"{nodes} Ray nodes alive, expected 4 (head, 2, api)")
+                ok("4 Ray nodes alive: ray-head, ray-worker-1, ray-worker-2, api-cluster")
+
+                single, cluster = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{cluster_port}"
+                bundle = STATE / "bundle-cache" / "wikipedia"
+                if not seeded:  # kept for the next run (and make_run below)
+                    shutil.rmtree(bundle, ignore_errors=True)
+                    mount = podman(
+                        "volume", "inspect", "--format", "{{.Mountpoint}}", f"{PROJECT}_bundles"
+                    )
+                    shutil.copytree(Path(mount) / "wikipedia", bundle)
+                with make_run(args.cdpae, bundle, free_port()) as (local, example):
+                    path, body = curl_to_request(example)
+                    lstatus, local_hits = http("POST", local + path, body)
+                if lstatus != 200:
+                    raise CheckFailed(f"make run's cdpae serve: {lstatus} {local_hits}")
+                status, want = http("POST", single + path, body)
+                cstatus, got = http("POST", cluster + path, body)
+                if status != 200 or cstatus != 200 or not same_ranking(got, want):
+                    raise CheckFailed(f"api {status} {want} != api-cluster {cstatus} {got}")
+                if not same_ranking(got, local_hits):
+                    raise CheckFailed(f"api-cluster {got} != make run's {local_hits}")
+                answer = ", ".join(
+                    f"{h['id']} {h['score']:.4f} {h['metadata'].get('category', '')}"
+                    for h in hits_of(got)
+                )
+                numbers["search"] = f"POST {path} top_k={body['top_k']}: {answer}"
+                ok(
+                    f"search on api-cluster (127.0.0.1:{cluster_port}{path}) = api's = make "
+                    f"run's on the same bundle: {answer}"
+                )
+
+                # A text item with the vector of the first hit and metadata of its own, found
+                # by a filter search through api-cluster (its write went through PostgreSQL).
+                first = hits_of(got)[0]["id"]
+                status, stored = http("GET", f"{cluster}/gallery/text/items/{first}")
+                if status != 200:
+                    raise CheckFailed(f"GET text item {first}: {status} {stored}")
+                item_id = f"compose-check-{int(time.time())}"
+                item = {
+                    "id": item_id,
+                    "vector": stored["vector"],  # type: ignore[index]
+                    "metadata": {"by": "compose-check"},
+                }
+                status, put = http("PUT", cluster + "/gallery/text/items", {"items": [item]})
+                if status != 200:
+                    raise CheckFailed(f"upsert through api-cluster: {status} {put}")
+                filtered = {**body, "filter": {"by": "compose-check"}}
+                status, found = http("POST", cluster + path, filtered)
+                if status != 200 or [h["id"] for h in hits_of(found)] != [item_id]:
+                    raise CheckFailed(f"filter search for the upsert: {status} {found}")
+                ok(f"an upsert through api-cluster is found by a filter search ({item_id})")
+                _, before = http("POST", cluster + path, body)
+
+                def recovered(name: str, since: float, statuses: list[str]) -> float:
+                    def probe() -> bool:
+                        status, answer, headers = http_headers("POST", cluster + path, body)
+                        retry = headers.get("Retry-After") or headers.get("retry-after")
+                        statuses.append(f"{status}" + (f" Retry-After {retry}" if retry else ""))
+                        return status == 200 and same_ranking(answer, before)
+
+                    wait_until(f"searches to answer 200 after {name}", probe, 300, 0.5)
+                    return time.monotonic() - since
+
+                def summary(statuses: list[str]) -> str:
+                    counts: dict[str, int] = {}
+                    for s in statuses:
+                        counts[s] = counts.get(s, 0) + 1
+                    return ", ".join(f"{n} x {s}" for s, n in counts.items())
+
+                worker = compose.container("ray-worker-1")
+                statuses: list[str] = []
+                start = time.monotonic()
+                podman("kill", worker)
+                took = recovered("podman kill ray-worker-1", start, statuses)
+                state = inspect(worker, "{{.State.Status}} restarts={{.RestartCount}}")
+                numbers["recovery after podman kill ray-worker-1"] = (
+                    f"{took:.1f} s ({summary(statuses)}; worker then {state})"
+                )
+                ok(
+                    f"searches answer 200 again {took:.1f} s after `podman kill` of "
+                    f"ray-worker-1 ({summary(statuses)}), same hits"
+                )
+
+                compose("up", "-d", capture=False)
+                replaced = compose.container("ray-worker-1")
+                running = inspect(replaced, "{{.State.Status}}")
+                wait_until("4 Ray nodes alive again", lambda: ray_alive_nodes(head) == 4, 120, 2)
+                statuses = []
+                took = recovered("the worker's return", time.monotonic(), statuses)
+                found_status, found = http("POST", cluster + path, filtered)
+                if found_status != 200 or [h["id"] for h in hits_of(found)] != [item_id]:
+                    raise CheckFailed(f"the upsert after the worker's return: {found}")
+                how = "a new container" if replaced != worker else "the same container restarted"
+                numbers["worker back by `up -d`"] = (
+                    f"{how} ({running}); searches 200 {took:.1f} s later ({summary(statuses)})"
+                )
+                ok(
+                    f"ray-worker-1 back by `compose up -d` ({how}), 4 Ray nodes, searches and "
+                    "the filter search for the upsert answer as before"
+                )
+        finally:
+            compose("down", "-v", "--remove-orphans", check=False)
+            left = podman(
+                "ps", "-a", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}"
+            )
+            volumes = podman(
+                "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}"
+            )
+            if left or volumes:
+                raise CheckFailed(f"left behind: containers {left!r} volumes {volumes!r}")
+            log("compose down -v: no container, network or volume of the check is left")
+            if args.purge:
+                podman("rmi", "--all", "--force", check=False)
+    if args.purge:
         shutil.rmtree(STATE, ignore_errors=True)
     for key, value in numbers.items():
         print(f"  {key}: {value}")
@@ -727,13 +1098,18 @@ def main(argv: list[str] | None = None) -> int:
         default=REPO / ".venv" / "bin" / "cdpae",
         help="the cdpae `make run` uses (default .venv/bin/cdpae, which `make install` makes)",
     )
+    parser.add_argument(
+        "--profile",
+        choices=["cluster"],
+        help="cluster: the cluster profile (postgres, Ray head and workers, api-cluster) too",
+    )
     args = parser.parse_args(argv)
     if not args.cdpae.exists():
         print(f"compose-check: {args.cdpae} missing: run `make install` first", file=sys.stderr)
         return 2
     start = time.monotonic()
     try:
-        passed = check(args)
+        passed = check_cluster(args) if args.profile == "cluster" else check(args)
     except CheckFailed as exc:
         print(f"compose-check FAILED: {exc}", file=sys.stderr)
         return 1

@@ -164,6 +164,29 @@ def test_compose_check_finds_the_base_images_the_dockerfile_names():
     assert qualified("python:3.11-slim") == "docker.io/library/python:3.11-slim"
 
 
+def test_compose_check_has_a_postgres_stand_in_for_the_cluster_profile(compose):
+    from scripts.compose_check import (
+        POSTGRES_CONTAINERFILE,
+        POSTGRES_ENTRYPOINT,
+        compose_images,
+        qualified,
+    )
+
+    # the one image of the cluster profile that is not built from the Dockerfile
+    assert compose_images("cluster") == ["postgres:15"]
+    assert qualified("postgres:15") == "docker.io/library/postgres:15"
+    # the stand-in honours what the compose file uses of the official image
+    postgres = compose["services"]["postgres"]
+    for item in postgres["environment"]:
+        assert f"${{{item.split('=', 1)[0]}" in POSTGRES_ENTRYPOINT, item
+    (data,) = postgres["volumes"]
+    assert f"PGDATA={data.split(':')[1]}" in POSTGRES_CONTAINERFILE
+    assert "pg_isready" in postgres["healthcheck"]["test"][1]
+    assert "/usr/lib/postgresql/15/bin" in POSTGRES_CONTAINERFILE  # pg_isready on PATH
+    assert "USER postgres" in POSTGRES_CONTAINERFILE
+    subprocess.run(["sh", "-n", "-c", POSTGRES_ENTRYPOINT], check=True)
+
+
 def test_compose_services_volumes_ports_and_commands_refer_to_real_things(compose, stages):
     every = compose["services"]
     # `docker compose up` starts these two; the rest is the cluster profile's
