@@ -911,6 +911,36 @@ def ray_alive_nodes(head: str) -> int:
     return int(out.split()[-1])
 
 
+SHARD_PLACEMENT = """
+import json, ray
+from ray._private import state
+ray.init(address="auto", logging_level="ERROR")
+print(json.dumps([
+    [a.get("Name", ""), a["Address"]["IPAddress"]]
+    for a in state.actors().values() if a.get("State") in ("ALIVE", 2)
+]))
+"""
+
+
+def shard_placement(compose: Compose, head: str) -> dict[str, list[str]]:
+    """The live Ray actors (the shards) by the compose service whose container runs them."""
+    actors = json.loads(podman("exec", head, "python", "-c", SHARD_PLACEMENT).splitlines()[-1])
+    by_ip = {}
+    for service in ("ray-head", "ray-worker-1", "ray-worker-2", "api-cluster"):
+        cid = compose.container(service)
+        if inspect(cid, "{{.State.Status}}") == "running":
+            template = "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}"
+            by_ip[inspect(cid, template)] = service
+    placement: dict[str, list[str]] = {}
+    for name, ip in actors:
+        placement.setdefault(by_ip.get(ip, ip), []).append(name)
+    return placement
+
+
+def placement_text(placement: dict[str, list[str]]) -> str:
+    return ", ".join(f"{service}: {len(names)}" for service, names in sorted(placement.items()))
+
+
 def check_cluster(args: argparse.Namespace) -> list[str]:
     """--profile cluster: postgres, a Ray head, two Ray workers and api-cluster next to api."""
     passed: list[str] = []
@@ -932,10 +962,16 @@ def check_cluster(args: argparse.Namespace) -> list[str]:
         compose = Compose(docker_host, port, torch_source, "cluster", cluster_port)
         compose("down", "-v", "--remove-orphans")
         try:
+            build = ["build", "--no-cache"] if args.cold else ["build"]
             start = time.monotonic()
-            log("docker-compose --profile cluster build (layer cache kept)")
+            log(f"docker-compose --profile cluster {' '.join(build)}")
+            compose(*build, capture=False)
+            numbers["build all images " + ("cold (--no-cache)" if args.cold else "first")] = (
+                f"{time.monotonic() - start:.0f} s"
+            )
+            start = time.monotonic()
             compose("build", capture=False)
-            numbers["build (all images, layer cache kept)"] = f"{time.monotonic() - start:.0f} s"
+            numbers["build warm (layer cache)"] = f"{time.monotonic() - start:.0f} s"
             for image in ("cdpae-api-cluster", "cdpae-api", "postgres"):
                 tag = "postgres:15" if image == "postgres" else f"{image}:latest"
                 numbers[f"image {tag}"] = f"{image_size_mb(tag):.0f} MB"
@@ -951,14 +987,15 @@ def check_cluster(args: argparse.Namespace) -> list[str]:
                 how = "kept from an earlier run" if seeded else f"trained in {took:.0f} s"
                 ok(f"train: the bundle ({how})")
                 healthy_after, _ = wait_healthy(compose, 900, "api-cluster")
-                numbers["api-cluster healthy after `up -d`"] = f"{time.monotonic() - start:.0f} s"
+                up_to_healthy = time.monotonic() - start
+                numbers["api-cluster healthy after `up -d`"] = f"{up_to_healthy:.0f} s"
                 numbers["api-cluster healthy after its container started"] = (
                     f"{healthy_after:.0f} s"
                 )
                 wait_healthy(compose, 300, "api")
                 ok(
                     f"postgres, ray-head, ray-worker-1/2, api-cluster up; api-cluster healthy "
-                    f"{time.monotonic() - start:.0f} s after `up -d`"
+                    f"{up_to_healthy:.0f} s after `up -d`"
                 )
                 head = compose.container("ray-head")
                 nodes = ray_alive_nodes(head)
@@ -1033,22 +1070,35 @@ def check_cluster(args: argparse.Namespace) -> list[str]:
                         counts[s] = counts.get(s, 0) + 1
                     return ", ".join(f"{n} x {s}" for s, n in counts.items())
 
-                worker = compose.container("ray-worker-1")
+                # Kill the worker that holds the most shards (a worker without one proves
+                # nothing), then replace it: the killed container removed, `up -d` makes anew.
+                placement = shard_placement(compose, head)
+                numbers["shards (actors) per node"] = placement_text(placement)
+                log(f"  shards per node: {placement_text(placement)}")
+                victim = max(
+                    ("ray-worker-1", "ray-worker-2"), key=lambda w: len(placement.get(w, []))
+                )
+                if not placement.get(victim):
+                    raise CheckFailed(f"no shard on a Ray worker to kill: {placement}")
+                worker = compose.container(victim)
                 statuses: list[str] = []
                 start = time.monotonic()
                 podman("kill", worker)
-                took = recovered("podman kill ray-worker-1", start, statuses)
+                took = recovered(f"podman kill {victim}", start, statuses)
                 state = inspect(worker, "{{.State.Status}} restarts={{.RestartCount}}")
-                numbers["recovery after podman kill ray-worker-1"] = (
-                    f"{took:.1f} s ({summary(statuses)}; worker then {state})"
+                moved = placement_text(shard_placement(compose, head))
+                numbers[f"recovery after podman kill {victim}"] = (
+                    f"{took:.1f} s ({summary(statuses)}; the container then {state}; "
+                    f"shards per node then {moved})"
                 )
                 ok(
-                    f"searches answer 200 again {took:.1f} s after `podman kill` of "
-                    f"ray-worker-1 ({summary(statuses)}), same hits"
+                    f"searches answer 200 again {took:.1f} s after `podman kill` of {victim} "
+                    f"with {len(placement[victim])} shard(s) ({summary(statuses)}), same hits"
                 )
 
+                compose("rm", "-f", victim)
                 compose("up", "-d", capture=False)
-                replaced = compose.container("ray-worker-1")
+                replaced = compose.container(victim)
                 running = inspect(replaced, "{{.State.Status}}")
                 wait_until("4 Ray nodes alive again", lambda: ray_alive_nodes(head) == 4, 120, 2)
                 statuses = []
@@ -1056,13 +1106,15 @@ def check_cluster(args: argparse.Namespace) -> list[str]:
                 found_status, found = http("POST", cluster + path, filtered)
                 if found_status != 200 or [h["id"] for h in hits_of(found)] != [item_id]:
                     raise CheckFailed(f"the upsert after the worker's return: {found}")
-                how = "a new container" if replaced != worker else "the same container restarted"
-                numbers["worker back by `up -d`"] = (
-                    f"{how} ({running}); searches 200 {took:.1f} s later ({summary(statuses)})"
+                if replaced == worker:
+                    raise CheckFailed(f"{victim} was not replaced: the same container {worker}")
+                numbers[f"{victim} replaced (`rm -f`, `up -d`)"] = (
+                    f"a new container ({running}); 4 Ray nodes; searches 200 {took:.1f} s "
+                    f"after ({summary(statuses)})"
                 )
                 ok(
-                    f"ray-worker-1 back by `compose up -d` ({how}), 4 Ray nodes, searches and "
-                    "the filter search for the upsert answer as before"
+                    f"{victim} replaced (`compose rm -f`, `compose up -d`: a new container), 4 "
+                    "Ray nodes, searches and the filter search for the upsert answer as before"
                 )
         finally:
             compose("down", "-v", "--remove-orphans", check=False)
