@@ -961,6 +961,7 @@ def check_cluster(args: argparse.Namespace) -> list[str]:
         port, cluster_port = free_port(), free_port()
         compose = Compose(docker_host, port, torch_source, "cluster", cluster_port)
         compose("down", "-v", "--remove-orphans")
+        volumes_before = set(podman("volume", "ls", "-q").split())
         try:
             build = ["build", "--no-cache"] if args.cold else ["build"]
             start = time.monotonic()
@@ -1096,7 +1097,7 @@ def check_cluster(args: argparse.Namespace) -> list[str]:
                     f"with {len(placement[victim])} shard(s) ({summary(statuses)}), same hits"
                 )
 
-                compose("rm", "-f", victim)
+                compose("rm", "-f", "-v", victim)  # -v: its anonymous volume (/data) too
                 compose("up", "-d", capture=False)
                 replaced = compose.container(victim)
                 running = inspect(replaced, "{{.State.Status}}")
@@ -1124,6 +1125,8 @@ def check_cluster(args: argparse.Namespace) -> list[str]:
             volumes = podman(
                 "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}"
             )
+            # anonymous volumes (an image's VOLUME no compose mount covers) carry no label
+            volumes += " ".join(set(podman("volume", "ls", "-q").split()) - volumes_before)
             if left or volumes:
                 raise CheckFailed(f"left behind: containers {left!r} volumes {volumes!r}")
             log("compose down -v: no container, network or volume of the check is left")
