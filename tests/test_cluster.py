@@ -150,6 +150,7 @@ def test_cluster_bad_input_gets_the_single_process_4xx(cluster):
 def test_ray_local_starts_a_one_node_ray_and_serves(synthetic_bundle, postgres_url, tmp_path):
     """`cdpae serve --ray local`: the service starts its own one-node Ray (on a free GCS
     port), serves searches and writes through its shards, and takes Ray down with it."""
+    import shutil
     import subprocess
     import tempfile
     from pathlib import Path
@@ -179,4 +180,5 @@ def test_ray_local_starts_a_one_node_ray_and_serves(synthetic_bundle, postgres_u
         server.stop(timeout=30)
     time.sleep(2)
     left = subprocess.run(["pgrep", "-f", str(ray_tmp)], capture_output=True, text=True).stdout
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     assert not left.strip(), f"Ray processes left behind: {left}"

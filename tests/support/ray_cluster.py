@@ -9,6 +9,7 @@ failure detection tuned the way docs/cluster.md recommends (a dead node is notic
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -72,3 +73,4 @@ class LocalCluster:
         if ray.is_initialized():
             ray.shutdown()
         self.cluster.shutdown()
+        shutil.rmtree(self.tmp, ignore_errors=True)
