@@ -34,7 +34,12 @@ BLOCKS = [(m.group(1), m.group(2)) for m in re.finditer(r"```(\w*)\n(.*?)```", R
 NOT_RUN = {
     "make run    # install": "make run / make test: install and train (minutes); CI runs make test",
     ".venv/bin/cdpae train --data wikipedia": "printed output of make run, not a command",
-    "docker compose up -d": "no docker engine on these machines (see the section's own note)",
+    "docker compose up -d": "run for real by make compose-check (minutes, podman), not in CI",
+    "docker compose --profile cluster up -d": "run for real by compose_check --profile cluster",
+    "make compose-check ": "builds images and trains in a container (~15 min): outside CI",
+    "$ time make compose-check": "printed output of make compose-check, not a command",
+    "$ .venv/bin/python -m scripts.compose_check --profile cluster": "printed output of the "
+    "cluster check, not a command",
     "app/        the service": "a directory listing",
 }
 # Blocks that are run, by their first line, and the test that runs them.
