@@ -15,7 +15,6 @@ search that starts after it.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections import Counter
@@ -26,7 +25,7 @@ import numpy as np
 
 from app.ann import AnnParams
 from app.bundle import MANIFEST, MODALITIES, Bundle, Modality, sha256_of
-from app.gallery import Hit, QueryBatch, SearchMode, Similarity
+from app.gallery import Hit, QueryBatch, SearchMode, Similarity, canonical_json
 from app.replica import GalleryReplica, derive
 from app.retrieval import query_profile
 from app.store import GalleryStore, StoredItem
@@ -216,7 +215,7 @@ class Engine:
             seq = self.store.upsert(modality, rows, derived, self.bundle_key)
             return self.cluster.caught_up(modality, ids, seq)
         replica = self.replicas[modality]
-        metadata_json = [json.dumps(m, sort_keys=True) for m in metadata]
+        metadata_json = [canonical_json(m) for m in metadata]
         with replica.writer:
             self.store.upsert(modality, rows, derived, self.bundle_key)
             replica.put(ids, derived, metadata_json)

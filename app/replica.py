@@ -14,7 +14,6 @@ written back.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -25,7 +24,7 @@ import numpy as np
 
 from app.ann import AnnParams
 from app.bundle import Bundle, Modality
-from app.gallery import Gallery, Hit, QueryBatch, SearchMode, Similarity
+from app.gallery import Gallery, Hit, QueryBatch, SearchMode, Similarity, canonical_json
 from app.retrieval import neighbour_weights
 from app.store import Derived, GalleryStore, StoredItem
 from app.store.base import Shard
@@ -140,7 +139,7 @@ class GalleryReplica:
                     self.bundle_key, self.modality, [items[i].id for i in missing], computed
                 )
             derived.assign(missing, computed)
-        metadata_json = [json.dumps(it.metadata, sort_keys=True) for it in items]
+        metadata_json = [canonical_json(it.metadata) for it in items]
         # While loading, the ANN indexes are built once at the end (in the background).
         self.put([it.id for it in items], derived, metadata_json, build_ann=not write_back)
         return len(missing)

@@ -206,7 +206,6 @@ def test_faults_under_load_lose_nothing(synthetic_bundle, postgres_server, tmp_p
     import ray
 
     from app.cluster.frontend import NAMESPACE, actor_name
-    from app.cluster.shard import ShardConfig
 
     url = postgres_server.create_database("cluster_faults")
     cluster = Cluster(synthetic_bundle, url, tmp_path)
@@ -220,8 +219,7 @@ def test_faults_under_load_lose_nothing(synthetic_bundle, postgres_server, tmp_p
         key = sha256_of(synthetic_bundle / MANIFEST)
 
         def shard(modality: str, index: int):
-            config = ShardConfig("", key, "", modality, index, SHARDS, None, 0)  # type: ignore[arg-type]
-            return ray.get_actor(actor_name(config), namespace=NAMESPACE)
+            return ray.get_actor(actor_name(key, modality, index, SHARDS), namespace=NAMESPACE)
 
         for t in threads:
             t.start()

@@ -61,8 +61,9 @@ def connect(address: str) -> None:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
 
 
-def actor_name(config: ShardConfig) -> str:
-    return f"cdpae-{config.bundle_key[:12]}-{config.modality}-shard{config.index}of{config.count}"
+def actor_name(bundle_key: str, modality: Modality, index: int, count: int) -> str:
+    """The shard's name in the cluster: front ends (and tests) find running shards by it."""
+    return f"cdpae-{bundle_key[:12]}-{modality}-shard{index}of{count}"
 
 
 class ShardedGalleries:
@@ -91,7 +92,7 @@ class ShardedGalleries:
         for modality in MODALITIES:
             self.shards[modality] = [
                 ShardActor.options(
-                    name=actor_name(replace(self.config, modality=modality, index=i)),
+                    name=actor_name(self.config.bundle_key, modality, i, self.n_shards),
                     namespace=NAMESPACE,
                     get_if_exists=True,
                     lifetime="detached",

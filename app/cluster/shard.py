@@ -75,6 +75,7 @@ class GalleryShard:
 
         delay = 0.5
         while True:
+            store = None
             try:
                 store = PostgresStore(self.config.store_url)
                 replica = GalleryReplica(
@@ -90,6 +91,8 @@ class GalleryShard:
                 replica.catch_up()
                 return replica
             except StoreUnavailableError as exc:
+                if store is not None:  # reached, then lost mid-load: a fresh pool next time
+                    store.close()
                 log.warning("shard can't load from the database yet (%s); retrying", exc)
                 time.sleep(delay)
                 delay = min(2 * delay, 5.0)
