@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import hnswlib
@@ -111,6 +112,29 @@ class AnnIndex:
         self.index.add_items(
             np.ascontiguousarray(lifted, dtype=np.float32), rows, num_threads=num_threads
         )
+
+    def save(self, path: Path) -> None:
+        """hnswlib's own file of the graph and vectors (app.snapshot keeps the rest)."""
+        self.index.save_index(str(path))
+
+    @classmethod
+    def restore(
+        cls,
+        path: Path,
+        dim: int,
+        capacity: int,
+        params: AnnParams,
+        basis: np.ndarray | None,
+        max_residual: float,
+        deleted: Sequence[int],
+    ) -> AnnIndex:
+        """An index saved by `save`, with the state it was saved with (app.snapshot)."""
+        restored = cls(dim, 16, params, basis)
+        restored.index.load_index(str(path), max_elements=max(capacity, 16))
+        restored.index.set_ef(64)
+        restored.max_residual = max_residual
+        restored.deleted = set(deleted)
+        return restored
 
     def remove(self, row: int) -> None:
         try:

@@ -19,6 +19,7 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -55,6 +56,7 @@ class Engine:
         ann_params: AnnParams | None = None,
         ann_min_items: int = 50_000,
         cluster: ShardedGalleries | None = None,
+        snapshot_dir: Path | None = None,
     ) -> None:
         self.bundle = bundle
         self.store = store
@@ -73,11 +75,13 @@ class Engine:
                     self.bundle_key,
                     ann_params=ann_params,
                     ann_min_items=ann_min_items,
+                    snapshot_dir=snapshot_dir,
                 )
                 for m in MODALITIES
             }
         )
         self.follower: ChangeFollower | None = None  # following a shared store
+        self.loaded = False  # load() has finished: the galleries are worth a snapshot
         self._paths_lock = threading.Lock()  # searches in several threads count paths
         self._search_paths: Counter[str] = Counter()  # exact / approximate / uncertified
 
@@ -132,6 +136,7 @@ class Engine:
             self.store.drop_derived_except(self.bundle_key)
         if getattr(self.store, "shared", False):
             self._follow()
+        self.loaded = True
 
     # --- following a shared store -------------------------------------------------------------
 
@@ -155,10 +160,19 @@ class Engine:
         return sum(replica.catch_up() for replica in self.replicas.values())
 
     def close(self) -> None:
+        """Stop following the store and, in this process, write the galleries' snapshots (so
+        the next start reads them instead of the store; a failure only costs that)."""
         if self.follower is not None:
             self.follower.stop()
         if self.cluster is not None:
             self.cluster.close()
+        if not self.loaded:
+            return
+        for replica in self.replicas.values():
+            try:
+                replica.save_snapshot()
+            except Exception:
+                log.warning("%s: no snapshot written at shutdown", replica.name, exc_info=True)
 
     # --- validation ---------------------------------------------------------------------------
 

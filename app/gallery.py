@@ -268,7 +268,9 @@ class Gallery:
         self.ann = self._build_index("knn", params, basis, self.dense_codes)
         self.cosine_ann = self._build_index("cosine", params, basis, lambda rows: self.units[rows])
 
-    def build_ann_in_background(self, params: AnnParams) -> None:
+    def build_ann_in_background(
+        self, params: AnnParams, on_built: Callable[[], None] | None = None
+    ) -> None:
         """The same indexes built WITHOUT holding the lock across the build (call it from a
         thread of its own; the caller does not hold the lock): searches and writes go on,
         exact, meanwhile. Rows are copied a chunk at a time under the read lock; rows that
@@ -313,8 +315,12 @@ class Gallery:
             time.perf_counter() - started,
             len(changed),
         )
+        if on_built is not None:
+            on_built()
 
-    def start_background_ann(self, params: AnnParams) -> threading.Thread:
+    def start_background_ann(
+        self, params: AnnParams, on_built: Callable[[], None] | None = None
+    ) -> threading.Thread:
         """build_ann_in_background in a thread of its own, marked as under way before this
         returns: a search that comes right after sees `building_ann` and takes the exact path
         instead of building the indexes itself, synchronously, under the write lock."""
@@ -323,7 +329,7 @@ class Gallery:
                 self._changed_during_build = set()
         thread = threading.Thread(
             target=self.build_ann_in_background,
-            args=(params,),
+            args=(params, on_built),
             name=f"ann-{self.modality}",
             daemon=True,
         )

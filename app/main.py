@@ -61,6 +61,7 @@ def create_app(
             ann_params=ann_params,
             ann_min_items=settings.ann_min_items,
             cluster=_cluster(settings, loaded, ann_params) if settings.ray else None,
+            snapshot_dir=settings.snapshot_path,
         )
         state.engine = engine
 

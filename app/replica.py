@@ -7,9 +7,12 @@ up, and which search path (exact, or the certified approximate one) answers a qu
 implementation for both, so a shard ranks its slice exactly as the single process ranks the
 whole gallery.
 
-Loading uses the derived data stored for this bundle (neighbour codes, weights, unit
-embeddings); items without it (first start, a new bundle) are embedded once and it is
-written back.
+Loading reads the replica's snapshot (app.snapshot: its arrays and ANN indexes as local
+files) when there is one of this store and bundle, and catches up from where it was taken.
+Otherwise it loads from the store, using the derived data stored for this bundle (neighbour
+codes, weights, unit embeddings); items without it (first start, a new bundle) are embedded
+once and it is written back. A snapshot is written at shutdown (Engine.close) and when the
+background ANN build has finished.
 """
 
 from __future__ import annotations
@@ -19,13 +22,16 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
+from app import snapshot
 from app.ann import AnnParams
 from app.bundle import Bundle, Modality
 from app.gallery import Gallery, Hit, QueryBatch, SearchMode, Similarity, canonical_json
 from app.retrieval import neighbour_weights
+from app.snapshot import SnapshotInfo, SnapshotMismatch, SnapshotOrigin
 from app.store import Derived, GalleryStore, StoredItem
 from app.store.base import Shard
 from app.validation import finite_embeddings
@@ -62,6 +68,7 @@ class GalleryReplica:
         ann_params: AnnParams | None = None,
         ann_min_items: int = 50_000,
         shard: Shard | None = None,
+        snapshot_dir: Path | None = None,
     ) -> None:
         self.bundle = bundle
         self.store = store
@@ -74,6 +81,8 @@ class GalleryReplica:
         # One writer at a time, so the store and memory see this copy's writes in one order.
         self.writer = threading.Lock()
         self.applied = 0  # the change log position this copy has applied up to
+        self.snapshot_dir = snapshot_dir  # None: no snapshots
+        self.snapshot: SnapshotInfo | None = None  # the last one loaded or written
 
     def __len__(self) -> int:
         return len(self.gallery)
@@ -81,7 +90,10 @@ class GalleryReplica:
     # --- loading and catching up -------------------------------------------------------------
 
     def load(self) -> int:
-        """Fill the gallery from the store; how many items had to be embedded."""
+        """Fill the gallery from its snapshot or from the store; how many items had to be
+        embedded."""
+        if self.snapshot_dir is not None and self._load_snapshot():
+            return 0
         started = time.perf_counter()
         embedded = 0
         # Read before the items: what commits during the load is caught up afterwards.
@@ -102,9 +114,125 @@ class GalleryReplica:
             embedded,
         )
         if self.wants_ann():
-            # Ready without them: searches take the exact path until they are built.
-            self.gallery.start_background_ann(self.ann_params)
+            self._start_background_ann()
         return embedded
+
+    def _start_background_ann(self) -> None:
+        # Ready without them: searches take the exact path until they are built. Once built,
+        # they are worth keeping: a snapshot saves the next start from building them again.
+        self.gallery.start_background_ann(self.ann_params, on_built=self._snapshot_quietly)
+
+    # --- snapshots ---------------------------------------------------------------------------
+
+    @property
+    def snapshot_name(self) -> str:
+        if self.shard is None:
+            return self.modality
+        return f"{self.modality}-shard-{self.shard[0]}-of-{self.shard[1]}"
+
+    def _snapshot_origin(self) -> SnapshotOrigin:
+        store_id = self.store.get_meta("store_id")
+        if store_id is None:
+            raise SnapshotMismatch("the store has no store_id")
+        return SnapshotOrigin(
+            self.snapshot_name, self.bundle_key, store_id, self.bundle.knn_k, self.bundle.pool.dim
+        )
+
+    def _load_snapshot(self) -> bool:
+        """Load the snapshot and catch up from it; False (and nothing changed) if there is no
+        usable one."""
+        assert self.snapshot_dir is not None
+        started = time.perf_counter()
+        try:
+            manifest = snapshot.read_manifest(self.snapshot_dir, self._snapshot_origin())
+            seq, signature = int(manifest["seq"]), manifest["seq_signature"]
+            if seq > self.store.last_seq() or self.store.change_signature(seq) != signature:
+                raise SnapshotMismatch(
+                    f"change {seq} is not the store's (the store was restored or replaced)"
+                )
+            gallery = Gallery(self.modality, self.bundle.pool, self.bundle.knn_k)
+            with gallery.lock.write():
+                has_ann = snapshot.load(self.snapshot_dir, manifest, gallery, self.ann_params)
+        except SnapshotMismatch as exc:
+            log.info("%s: loading from the store, not a snapshot: %s", self.name, exc)
+            return False
+        except Exception:  # a damaged file: the store is the truth
+            log.warning("%s: snapshot unreadable, loading from the store", self.name, exc_info=True)
+            return False
+        read = time.perf_counter() - started
+        self.gallery, self.applied = gallery, seq
+        self.snapshot = SnapshotInfo(seq, signature, len(gallery), has_ann, self.snapshot_dir)
+        if self.wants_ann():  # before catching up, which would otherwise build them inline
+            self._start_background_ann()
+        caught_up = self.catch_up()
+        log.info(
+            "%s: %d items from the snapshot at change %d in %.1f s (ANN indexes %s), "
+            "then %d changes caught up in %.1f s",
+            self.name,
+            manifest["items"],
+            seq,
+            read,
+            "loaded" if has_ann else "not in it",
+            caught_up,
+            time.perf_counter() - started - read,
+        )
+        return True
+
+    def save_snapshot(self) -> SnapshotInfo | None:
+        """Write this copy's snapshot (None without a snapshot_dir). Writes to memory wait
+        meanwhile (seconds at 1M items); searches go on. Nothing is written when the last
+        snapshot is already at the current position (with the ANN indexes, if built)."""
+        if self.snapshot_dir is None:
+            return None
+        started = time.perf_counter()
+        with self.writer:
+            if getattr(self.store, "shared", False):
+                # Others write too: what this copy has applied is its position.
+                self._catch_up_locked()
+                seq = self.applied
+            else:
+                # Only this process writes, each write under `writer`: memory has them all.
+                seq = self.store.last_seq()
+            origin = self._snapshot_origin()
+            signature = self.store.change_signature(seq)
+            gallery = self.gallery
+            with gallery.lock.read():
+                with_ann = gallery.ann is not None and not gallery.building_ann
+                last = self.snapshot
+                if (
+                    last is not None
+                    and (last.has_ann or not with_ann)
+                    and not self._changed_since(last.seq)
+                ):
+                    return last
+                self.snapshot = snapshot.save(
+                    self.snapshot_dir,
+                    origin,
+                    gallery,
+                    seq,
+                    signature,
+                    self.ann_params if with_ann else None,
+                )
+        log.info(
+            "%s: snapshot of %d items at change %d written in %.1f s",
+            self.name,
+            self.snapshot.items,
+            seq,
+            time.perf_counter() - started,
+        )
+        return self.snapshot
+
+    def _changed_since(self, seq: int) -> bool:
+        """Whether the store has a change of this copy's slice after `seq` (changes of the
+        other modality or of other slices don't make a snapshot stale)."""
+        return bool(self.store.changes_since(self.modality, seq, limit=1, shard=self.shard))
+
+    def _snapshot_quietly(self) -> None:
+        """save_snapshot from a background thread: a failure is logged, never raised."""
+        try:
+            self.save_snapshot()
+        except Exception:
+            log.warning("%s: writing the snapshot failed", self.name, exc_info=True)
 
     @property
     def name(self) -> str:
@@ -153,28 +281,31 @@ class GalleryReplica:
         change is applied as the item's state now (present or gone), which is idempotent and
         converges whatever the order of notifications.
         """
-        applied = 0
         with self.writer:
-            while True:
-                changes = self.store.changes_since(
-                    self.modality, self.applied, bundle_key=self.bundle_key, shard=self.shard
-                )
-                if not changes:
-                    break
-                latest: dict[str, StoredItem | None] = {c.id: c.item for c in changes}
-                present = [item for item in latest.values() if item is not None]
-                if present:
-                    self._apply_items(present, write_back=False)
-                for item_id, item in latest.items():
-                    if item is None:
-                        self.remove(item_id)
-                self.applied = changes[-1].seq
-                applied += len(changes)
+            applied = self._catch_up_locked()
             # Sequence numbers are assigned in commit order (app/store/postgres.py), so once
             # nothing of this slice follows `applied`, nothing of it is missing up to `target`
             # either: changes of other slices between the two don't concern this copy.
             self.applied = max(self.applied, target)
         return applied
+
+    def _catch_up_locked(self) -> int:
+        applied = 0
+        while True:
+            changes = self.store.changes_since(
+                self.modality, self.applied, bundle_key=self.bundle_key, shard=self.shard
+            )
+            if not changes:
+                return applied
+            latest: dict[str, StoredItem | None] = {c.id: c.item for c in changes}
+            present = [item for item in latest.values() if item is not None]
+            if present:
+                self._apply_items(present, write_back=False)
+            for item_id, item in latest.items():
+                if item is None:
+                    self.remove(item_id)
+            self.applied = changes[-1].seq
+            applied += len(changes)
 
     # --- changes to memory -------------------------------------------------------------------
 

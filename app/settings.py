@@ -76,10 +76,25 @@ class Settings(BaseSettings):
         description="the approximate index holds m_g projected on this many principal "
         "directions of the training pool (0: no projection)",
     )
+    snapshots: bool = Field(
+        True,
+        description="keep each gallery's snapshot (arrays and ANN indexes) as local files, so a "
+        "restart reads them and catches up instead of reloading from the store",
+    )
+    snapshot_dir: Path | None = Field(
+        None, description="where the snapshots are written; unset: data_dir/snapshots"
+    )
     seed_default_gallery: bool = Field(
         True, description="seed an empty store from the bundle's default gallery"
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+
+    @property
+    def snapshot_path(self) -> Path | None:
+        """Where snapshots go, or None when they are off."""
+        if not self.snapshots:
+            return None
+        return self.snapshot_dir or self.data_dir / "snapshots"
 
     @model_validator(mode="after")
     def _cluster_needs_postgres(self) -> Settings:

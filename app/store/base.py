@@ -159,6 +159,11 @@ class GalleryStore(Protocol):
         """Forget every other bundle's derived data (once bundle_key's is complete)."""
         ...
 
+    def change_signature(self, seq: int) -> str | None:
+        """`modality:kind:id` of change `seq` (None if there is none): with the store's
+        `store_id` meta value, what tells a snapshot taken at `seq` belongs to this history."""
+        ...
+
     def get_meta(self, key: str) -> str | None: ...
 
     def seed(self, items_by_modality: dict[str, Sequence[ItemRow]], marker: str) -> bool:

@@ -17,6 +17,7 @@ pool replaces broken connections by itself once the server is back.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -124,6 +125,11 @@ class PostgresStore:
                 "INSERT INTO meta (key, value) VALUES ('schema_version', %s) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (str(SCHEMA_VERSION),),
+            )
+            # This database's identity (see app.store.sqlite): snapshots check it.
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('store_id', %s) ON CONFLICT DO NOTHING",
+                (uuid.uuid4().hex,),
             )
 
     def close(self) -> None:
@@ -303,6 +309,13 @@ class PostgresStore:
             )
             for s, item_id, kind, blob, metadata, codes in rows
         ]
+
+    def change_signature(self, seq: int) -> str | None:
+        with self._connection() as conn:
+            row = conn.execute(
+                "SELECT modality, kind, id FROM changes WHERE seq = %s", (seq,)
+            ).fetchone()
+        return None if row is None else ":".join(row)
 
     def get_meta(self, key: str) -> str | None:
         with self._connection() as conn:

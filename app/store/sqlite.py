@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -118,6 +119,12 @@ class SqliteStore:
                 "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (str(SCHEMA_VERSION),),
+            )
+            # This store's identity: a snapshot (app.snapshot) taken of another store, or
+            # of this directory before it was wiped and recreated, must not be applied.
+            self._db.execute(
+                "INSERT INTO meta (key, value) VALUES ('store_id', ?) ON CONFLICT DO NOTHING",
+                (uuid.uuid4().hex,),
             )
 
     def close(self) -> None:
@@ -290,6 +297,13 @@ class SqliteStore:
             )
             for s, item_id, kind, blob, metadata, codes in rows
         ]
+
+    def change_signature(self, seq: int) -> str | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT modality, kind, id FROM changes WHERE seq = ?", (seq,)
+            ).fetchone()
+        return None if row is None else ":".join(row)
 
     def get_meta(self, key: str) -> str | None:
         with self._lock:

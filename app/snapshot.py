@@ -1,0 +1,263 @@
+"""A gallery saved to local files, so a restart reads them instead of the store.
+
+Why: loading from the store pays per item (SQL rows, derived-data blobs, JSON, Python) and the
+ANN indexes of a large gallery are rebuilt afterwards (minutes at 1M items). A snapshot is
+the gallery's arrays as .npy files, its ids, metadata and filter index as JSON, and its
+hnswlib indexes as hnswlib saves them: read back at disk speed.
+
+A snapshot is a cache, never the truth. It records where in the store's change log it was
+taken (`seq`), which store (the store's random `store_id` and the signature of the change at
+`seq`, so a store wiped and refilled, or restored from an older backup, does not match) and
+which bundle (its key). Loading it is followed by catching up from `seq`, as any replica that
+was behind does. Anything that does not match, or a file that is missing or of the wrong
+size, makes the caller load from the store instead (`SnapshotMismatch`).
+
+Written atomically: the files go into a fresh generation directory `NAME.<random>/`, are
+fsynced, and then the pointer `NAME.json` is replaced (os.replace) to name it; older
+generations are removed afterwards. A crash at any point leaves the previous snapshot (or
+none) in force. What is not checked: bit rot inside a file of the right size (no checksum:
+hashing gigabytes would cost the restart time this saves).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from app.ann import AnnIndex, AnnParams
+from app.gallery import Gallery
+
+FORMAT = 1
+_ARRAYS = ("neighbours", "weights", "units", "alive")
+
+
+class SnapshotMismatch(Exception):
+    """No usable snapshot: missing, of another store, bundle or format, or damaged."""
+
+
+@dataclass(frozen=True)
+class SnapshotOrigin:
+    """What a snapshot must agree with to be used: the gallery's place and its store."""
+
+    name: str  # e.g. "text", or "text-shard-1-of-4"
+    bundle_key: str
+    store_id: str
+    k: int
+    dim: int
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    seq: int  # the change log position the gallery reflected (at least) when it was saved
+    seq_signature: str | None  # the store's change_signature(seq)
+    items: int
+    has_ann: bool
+    path: Path
+
+
+def _fsync(path: Path) -> None:
+    """fsync a file or a directory (its entries) by path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, write: object) -> None:
+    with open(path, "wb") as f:
+        write(f)  # type: ignore[operator]
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_npy_into(path: Path, out: np.ndarray) -> None:
+    """Read a .npy file into the first rows of `out` (preallocated with room to grow), with
+    no second copy of the data in memory."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        if fortran or dtype != out.dtype or tuple(shape[1:]) != out.shape[1:]:
+            raise SnapshotMismatch(
+                f"{path.name}: {shape} {dtype}, expected rows of {out.shape[1:]} {out.dtype}"
+            )
+        if shape[0] > out.shape[0]:
+            raise SnapshotMismatch(f"{path.name}: {shape[0]} rows, room for {out.shape[0]}")
+        target = memoryview(out[: shape[0]]).cast("B")
+        if f.readinto(target) != target.nbytes:
+            raise SnapshotMismatch(f"{path.name}: shorter than its header says")
+
+
+def save(
+    directory: Path,
+    origin: SnapshotOrigin,
+    gallery: Gallery,
+    seq: int,
+    seq_signature: str | None,
+    ann_params: AnnParams | None,
+) -> SnapshotInfo:
+    """Write `gallery` as the snapshot `origin.name` at change log position `seq`.
+
+    The caller holds the gallery's read lock (nothing changes while it is written) and makes
+    sure the gallery reflects every change up to `seq`. ANN indexes are written when the
+    gallery has both and ann_params (what they were built with) is given.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    generation = directory / f"{origin.name}.{uuid.uuid4().hex[:12]}"
+    generation.mkdir()
+    n = gallery.n_rows
+    files: dict[str, int] = {}
+
+    def put(name: str, write: object) -> None:
+        _write_file(generation / name, write)
+        files[name] = (generation / name).stat().st_size
+
+    for array in _ARRAYS:
+        rows = getattr(gallery, array)[:n]
+        put(f"{array}.npy", lambda f, rows=rows: np.save(f, rows, allow_pickle=False))
+    put("free.npy", lambda f: np.save(f, np.asarray(gallery.free, dtype=np.int64)))
+    rows_json = {
+        "ids": gallery.ids[:n],
+        "metadata": gallery.metadata[:n],
+        "by_value": {
+            key: {value: sorted(rows) for value, rows in values.items()}
+            for key, values in gallery.by_value.items()
+        },
+    }
+    put("rows.json", lambda f: f.write(json.dumps(rows_json).encode("utf-8")))
+    ann = None
+    if ann_params is not None and gallery.ann is not None and gallery.cosine_ann is not None:
+        for similarity, index in (("knn", gallery.ann), ("cosine", gallery.cosine_ann)):
+            path = generation / f"{similarity}.hnsw"
+            index.save(path)
+            _fsync(path)
+            files[path.name] = path.stat().st_size
+        basis = gallery.ann.basis
+        if basis is not None:
+            put("basis.npy", lambda f: np.save(f, basis))
+        ann = {
+            "params": asdict(ann_params),
+            "max_residual": {
+                "knn": gallery.ann.max_residual,
+                "cosine": gallery.cosine_ann.max_residual,
+            },
+            "deleted": {
+                "knn": sorted(gallery.ann.deleted),
+                "cosine": sorted(gallery.cosine_ann.deleted),
+            },
+        }
+    manifest = {
+        "format": FORMAT,
+        **asdict(origin),
+        "seq": seq,
+        "seq_signature": seq_signature,
+        "n_rows": n,
+        "items": len(gallery),
+        "max_weight": gallery.max_weight,
+        "ann": ann,
+        "generation": generation.name,
+        "files": files,
+        "written_at": time.time(),
+    }
+    _fsync(generation)
+    pointer = directory / f"{origin.name}.json"
+    temporary = directory / f".{origin.name}.json.{uuid.uuid4().hex[:8]}"
+    _write_file(temporary, lambda f: f.write(json.dumps(manifest, indent=1).encode("utf-8")))
+    os.replace(temporary, pointer)  # the switch: from here on this generation is in force
+    _fsync(directory)
+    for old in directory.glob(f"{origin.name}.*"):
+        if old.is_dir() and old.name != generation.name:
+            shutil.rmtree(old, ignore_errors=True)
+    return SnapshotInfo(seq, seq_signature, len(gallery), ann is not None, generation)
+
+
+def read_manifest(directory: Path, origin: SnapshotOrigin) -> dict:
+    """The manifest of snapshot `origin.name`, if it belongs to `origin` (else SnapshotMismatch)."""
+    pointer = directory / f"{origin.name}.json"
+    try:
+        manifest = json.loads(pointer.read_text())
+    except FileNotFoundError:
+        raise SnapshotMismatch("no snapshot yet") from None
+    except (OSError, ValueError) as exc:
+        raise SnapshotMismatch(f"{pointer.name} unreadable: {exc}") from exc
+    if manifest.get("format") != FORMAT:
+        raise SnapshotMismatch(f"format {manifest.get('format')!r}, this service reads {FORMAT}")
+    for field, expected in asdict(origin).items():
+        if manifest.get(field) != expected:
+            raise SnapshotMismatch(f"taken with another {field} ({manifest.get(field)!r})")
+    generation = directory / str(manifest["generation"])
+    for name, size in manifest["files"].items():
+        try:
+            actual = (generation / name).stat().st_size
+        except OSError:
+            raise SnapshotMismatch(f"{generation.name}/{name} is missing") from None
+        if actual != size:
+            raise SnapshotMismatch(f"{generation.name}/{name} is {actual} bytes, not {size}")
+    return manifest
+
+
+def load(
+    directory: Path,
+    manifest: dict,
+    gallery: Gallery,
+    ann_params: AnnParams,
+    headroom: int = 1024,
+) -> bool:
+    """Fill an empty `gallery` from the snapshot `manifest` describes; whether its ANN indexes
+    came with it (they do when they were saved with the same HNSW parameters)."""
+    generation = directory / str(manifest["generation"])
+    n = int(manifest["n_rows"])
+    gallery.reserve(n + headroom)
+    for array in _ARRAYS:
+        _read_npy_into(generation / f"{array}.npy", getattr(gallery, array))
+    rows = json.loads((generation / "rows.json").read_text())
+    ids, metadata = rows["ids"], rows["metadata"]
+    if len(ids) != n or len(metadata) != n:
+        raise SnapshotMismatch(f"rows.json has {len(ids)} ids for {n} rows")
+    gallery.n_rows = n
+    gallery.ids[:n] = ids
+    gallery.metadata[:n] = metadata
+    gallery.row_of = {item_id: row for row, item_id in enumerate(ids) if item_id is not None}
+    gallery.free = np.load(generation / "free.npy").tolist()
+    gallery.by_value = {
+        key: {value: set(members) for value, members in values.items()}
+        for key, values in rows["by_value"].items()
+    }
+    gallery.max_weight = float(manifest["max_weight"])
+    if len(gallery.row_of) != int(manifest["items"]) or int(gallery.alive[:n].sum()) != len(
+        gallery.row_of
+    ):
+        raise SnapshotMismatch("ids and live rows disagree")
+    ann = manifest.get("ann")
+    saved = AnnParams(**ann["params"]) if ann else None
+    if saved is None or (saved.M, saved.ef_construction, saved.dim) != (
+        ann_params.M,
+        ann_params.ef_construction,
+        ann_params.dim,
+    ):
+        return False
+    basis = np.load(generation / "basis.npy") if (generation / "basis.npy").exists() else None
+    indexes = [
+        AnnIndex.restore(
+            generation / f"{similarity}.hnsw",
+            gallery.pool.dim,
+            gallery.capacity,
+            ann_params,
+            basis,
+            float(ann["max_residual"][similarity]),
+            ann["deleted"][similarity],
+        )
+        for similarity in ("knn", "cosine")
+    ]
+    gallery.ann, gallery.cosine_ann = indexes
+    return True

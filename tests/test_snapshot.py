@@ -1,0 +1,212 @@
+"""Snapshots (app/snapshot.py): a restart reads the gallery from local files and catches up;
+what it then serves is exactly what a load from the store serves. A snapshot that does not
+belong to the store, the bundle or the format, or is damaged, is not used."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sqlite3
+
+import numpy as np
+import pytest
+
+from app.ann import AnnParams
+from app.bundle import load_bundle
+from app.engine import Engine
+from app.store import SqliteStore
+
+ANN = AnnParams(M=8, ef_construction=40, candidates=64)
+
+
+def _items(n: int, rng: np.random.Generator, prefix: str):
+    ids = [f"{prefix}-{i}" for i in range(n)]
+    features = rng.normal(size=(n, 8)).astype(np.float32)
+    return ids, features, [{"category": f"c{i % 5}", "n": i} for i in range(n)]
+
+
+def _engine(bundle, store, snapshot_dir, ann=ANN) -> Engine:
+    engine = Engine(bundle, store, ann_params=ann, ann_min_items=500, snapshot_dir=snapshot_dir)
+    engine.seed_if_empty()
+    engine.load()
+    return engine
+
+
+def _answers(engine: Engine) -> list:
+    """Everything a client can see: counts, and rankings by every path, with and without
+    a filter (ids and scores; equal means equal to the bit)."""
+    rng = np.random.default_rng(7)
+    queries = rng.normal(size=(12, 16)).astype(np.float32)
+    seen: list = [engine.count("text"), engine.count("image")]
+    for similarity in ("knn", "cosine"):
+        for mode in ("exact", "approximate"):
+            for hits in engine.search("image", queries, 20, similarity, mode=mode):
+                seen.append([(h.id, h.score, h.metadata_json) for h in hits])
+        for hits in engine.search("image", queries, 20, similarity, {"category": "c3"}):
+            seen.append([(h.id, h.score) for h in hits])
+    return seen
+
+
+def _wait_for_indexes(engine: Engine) -> None:
+    import time
+
+    deadline = time.monotonic() + 60
+    for replica in engine.replicas.values():
+        while replica.gallery.building_ann and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def bundle(synthetic_bundle):
+    return load_bundle(synthetic_bundle)
+
+
+def test_restart_from_a_snapshot_serves_what_a_load_from_the_store_serves(
+    store_factory, bundle, tmp_path
+):
+    snapshots = tmp_path / "snapshots"
+    rng = np.random.default_rng(3)
+    store = store_factory()
+    first = _engine(bundle, store, snapshots)
+    first.upsert("text", *_items(2000, rng, "t"))  # past ann_min_items: indexes built
+    for i in range(0, 2000, 9):
+        first.delete("text", f"t-{i}")
+    first.upsert("text", *_items(50, rng, "t"))  # replaced: new vectors and metadata
+    first.close()  # writes the snapshots
+    assert first.replicas["text"].snapshot is not None
+    assert first.replicas["text"].snapshot.has_ann
+
+    # Changes the snapshot has not seen (another replica's, or made after a crash): new items
+    # without derived data, replacements, and deletes of items the snapshot holds.
+    later = _items(30, rng, "late")
+    store.upsert("text", list(zip(*later, strict=True)))
+    store.upsert("text", list(zip(*_items(5, rng, "t"), strict=True)))
+    for i in (1, 2, 3, 500):
+        store.delete("text", f"t-{i}")
+
+    restarted = _engine(bundle, store_factory(), snapshots)
+    replica = restarted.replicas["text"]
+    assert replica.snapshot is not None, "the restart did not use the snapshot"
+    # The indexes came with it: no background build.
+    assert replica.gallery.ann is not None and not replica.gallery.building_ann
+    from_store = _engine(bundle, store_factory(), None)
+    _wait_for_indexes(from_store)
+    assert from_store.replicas["text"].snapshot is None
+    assert _answers(restarted) == _answers(from_store)
+    assert restarted.count("text") == store.count("text")
+    gone = {h.id for h in restarted.search("image", np.ones((1, 16), np.float32), 5000)[0]}
+    assert not {"t-1", "t-2", "t-3", "t-500"} & gone
+    assert {f"late-{i}" for i in range(30)} <= gone
+    restarted.close()
+    from_store.close()
+
+
+def test_nothing_is_rewritten_when_nothing_changed(store_factory, bundle, tmp_path):
+    snapshots = tmp_path / "snapshots"
+    store = store_factory()
+    _engine(bundle, store, snapshots).close()
+    written = {p.name: p.stat().st_mtime_ns for p in snapshots.iterdir()}
+    _engine(bundle, store_factory(), snapshots).close()  # read it, changed nothing
+    assert {p.name: p.stat().st_mtime_ns for p in snapshots.iterdir()} == written
+    again = _engine(bundle, store_factory(), snapshots)
+    again.upsert("image", ["new"], np.zeros((1, 16), np.float32), [{}])
+    again.close()
+    assert (snapshots / "image.json").stat().st_mtime_ns != written["image.json"]
+    assert (snapshots / "text.json").stat().st_mtime_ns == written["text.json"]
+    # one generation per gallery stays on disk, not one per restart
+    assert len([p for p in snapshots.iterdir() if p.is_dir()]) == 2
+
+
+def _snapshot_used(caplog) -> bool:
+    return any("from the snapshot" in r.getMessage() for r in caplog.records)
+
+
+def test_a_snapshot_of_another_store_is_not_used(bundle, tmp_path, caplog):
+    snapshots = tmp_path / "snapshots"
+    rng = np.random.default_rng(5)
+    store = SqliteStore(tmp_path / "a")
+    engine = _engine(bundle, store, snapshots)
+    engine.upsert("text", *_items(40, rng, "a"))
+    engine.close()
+    store.close()
+    # A new store in the same place (the data dir wiped): same seed, same sequence numbers.
+    shutil.rmtree(tmp_path / "a")
+    caplog.set_level(logging.INFO, logger="cdpae.engine")
+    fresh = _engine(bundle, SqliteStore(tmp_path / "a"), snapshots)
+    assert not _snapshot_used(caplog)
+    assert "taken with another store_id" in caplog.text
+    assert fresh.count("text") == 30  # the seeded default gallery only
+
+
+def test_a_store_restored_from_an_older_backup_does_not_take_a_newer_snapshot(
+    bundle, tmp_path, caplog
+):
+    snapshots = tmp_path / "snapshots"
+    rng = np.random.default_rng(6)
+    store = SqliteStore(tmp_path / "db")
+    engine = _engine(bundle, store, snapshots)
+    backup = tmp_path / "backup.sqlite3"
+    with sqlite3.connect(backup) as target:
+        store._db.backup(target)  # the store as it was before the next writes
+    engine.upsert("text", *_items(40, rng, "kept"))
+    engine.close()  # snapshot taken after the 40 writes
+    store.close()
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / "db" / f"gallery.sqlite3{suffix}").unlink(missing_ok=True)
+    shutil.copy(backup, tmp_path / "db" / "gallery.sqlite3")
+    restored = SqliteStore(tmp_path / "db")
+    # Other writes after the restore: the change log is as long again, with other changes.
+    restored.upsert("text", list(zip(*_items(45, rng, "other"), strict=True)))
+    caplog.set_level(logging.INFO, logger="cdpae.engine")
+    engine = _engine(bundle, restored, snapshots)
+    assert not _snapshot_used(caplog)
+    assert "is not the store's" in caplog.text
+    hits = engine.search("image", np.ones((1, 16), np.float32), 1000)[0]
+    ids = {h.id for h in hits}
+    assert not {f"kept-{i}" for i in range(40)} & ids  # what the backup never had
+    assert {f"other-{i}" for i in range(45)} <= ids
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbled", "missing"])
+def test_a_damaged_snapshot_is_not_used(bundle, tmp_path, caplog, damage):
+    snapshots = tmp_path / "snapshots"
+    rng = np.random.default_rng(8)
+    store = SqliteStore(tmp_path / "db")
+    engine = _engine(bundle, store, snapshots)
+    engine.upsert("text", *_items(40, rng, "x"))
+    engine.close()
+    generation = next(p for p in snapshots.iterdir() if p.is_dir() and p.name.startswith("text"))
+    if damage == "truncated":
+        units = generation / "units.npy"
+        units.write_bytes(units.read_bytes()[:-100])
+    elif damage == "garbled":  # the right size, not JSON any more
+        rows = generation / "rows.json"
+        rows.write_bytes(b"\x00" * rows.stat().st_size)
+    else:
+        (generation / "alive.npy").unlink()
+    caplog.set_level(logging.INFO, logger="cdpae.engine")
+    again = _engine(bundle, store, snapshots)
+    assert not any(
+        "text gallery: " in r.getMessage() and "from the snapshot" in r.getMessage()
+        for r in caplog.records
+    )
+    assert again.count("text") == 70
+    assert _answers(again) == _answers(_engine(bundle, store, None))
+
+
+def test_indexes_saved_with_other_hnsw_parameters_are_rebuilt(bundle, tmp_path):
+    snapshots = tmp_path / "snapshots"
+    rng = np.random.default_rng(9)
+    store = SqliteStore(tmp_path / "db")
+    engine = _engine(bundle, store, snapshots)
+    engine.upsert("text", *_items(800, rng, "y"))
+    engine.close()
+    other = AnnParams(M=12, ef_construction=40, candidates=64)
+    again = _engine(bundle, store, snapshots, ann=other)
+    replica = again.replicas["text"]
+    assert replica.snapshot is not None and not replica.snapshot.has_ann
+    _wait_for_indexes(again)
+    assert replica.gallery.ann is not None
+    assert replica.gallery.ann.params.M == 12
+    # ...and the rebuilt indexes are saved in their turn (with ANN this time).
+    assert replica.snapshot.has_ann
