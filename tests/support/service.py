@@ -70,6 +70,7 @@ class Server:
         env = {**os.environ, "CDPAE_LOG_LEVEL": "info", **(env or {})}
         self.log = log
         self._log_file = log.open("ab")
+        self.started = time.monotonic()  # when the process was spawned
         self.proc = subprocess.Popen(
             serve_argv(bundle, data_dir, self.port, *extra),
             stdout=self._log_file,
