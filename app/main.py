@@ -153,6 +153,7 @@ def _cluster(settings: Settings, bundle: Bundle, ann_params: AnnParams) -> Shard
         count=settings.shards,
         ann_params=ann_params,
         ann_min_items=settings.ann_min_items,
+        snapshot_dir=str(settings.snapshot_path.resolve()) if settings.snapshot_path else None,
     )
     return ShardedGalleries(
         settings.ray or "local", config, call_timeout_s=settings.shard_timeout_s

@@ -83,6 +83,7 @@ class GalleryReplica:
         self.applied = 0  # the change log position this copy has applied up to
         self.snapshot_dir = snapshot_dir  # None: no snapshots
         self.snapshot: SnapshotInfo | None = None  # the last one loaded or written
+        self.loaded_from: str | None = None  # "snapshot" or "store", once loaded
 
     def __len__(self) -> int:
         return len(self.gallery)
@@ -93,7 +94,9 @@ class GalleryReplica:
         """Fill the gallery from its snapshot or from the store; how many items had to be
         embedded."""
         if self.snapshot_dir is not None and self._load_snapshot():
+            self.loaded_from = "snapshot"
             return 0
+        self.loaded_from = "store"
         started = time.perf_counter()
         embedded = 0
         # Read before the items: what commits during the load is caught up afterwards.
@@ -114,7 +117,9 @@ class GalleryReplica:
             embedded,
         )
         if self.wants_ann():
-            self._start_background_ann()
+            self._start_background_ann()  # the snapshot is written when they are built
+        else:
+            self._snapshot_quietly()  # so that even a crash-restart need not do this again
         return embedded
 
     def _start_background_ann(self) -> None:

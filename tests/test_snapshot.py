@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import shutil
 import sqlite3
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -86,12 +87,12 @@ def test_restart_from_a_snapshot_serves_what_a_load_from_the_store_serves(
 
     restarted = _engine(bundle, store_factory(), snapshots)
     replica = restarted.replicas["text"]
-    assert replica.snapshot is not None, "the restart did not use the snapshot"
+    assert replica.loaded_from == "snapshot"
     # The indexes came with it: no background build.
     assert replica.gallery.ann is not None and not replica.gallery.building_ann
     from_store = _engine(bundle, store_factory(), None)
     _wait_for_indexes(from_store)
-    assert from_store.replicas["text"].snapshot is None
+    assert from_store.replicas["text"].loaded_from == "store"
     assert _answers(restarted) == _answers(from_store)
     assert restarted.count("text") == store.count("text")
     gone = {h.id for h in restarted.search("image", np.ones((1, 16), np.float32), 5000)[0]}
@@ -117,10 +118,6 @@ def test_nothing_is_rewritten_when_nothing_changed(store_factory, bundle, tmp_pa
     assert len([p for p in snapshots.iterdir() if p.is_dir()]) == 2
 
 
-def _snapshot_used(caplog) -> bool:
-    return any("from the snapshot" in r.getMessage() for r in caplog.records)
-
-
 def test_a_snapshot_of_another_store_is_not_used(bundle, tmp_path, caplog):
     snapshots = tmp_path / "snapshots"
     rng = np.random.default_rng(5)
@@ -133,7 +130,7 @@ def test_a_snapshot_of_another_store_is_not_used(bundle, tmp_path, caplog):
     shutil.rmtree(tmp_path / "a")
     caplog.set_level(logging.INFO, logger="cdpae.engine")
     fresh = _engine(bundle, SqliteStore(tmp_path / "a"), snapshots)
-    assert not _snapshot_used(caplog)
+    assert fresh.replicas["text"].loaded_from == "store"
     assert "taken with another store_id" in caplog.text
     assert fresh.count("text") == 30  # the seeded default gallery only
 
@@ -159,7 +156,7 @@ def test_a_store_restored_from_an_older_backup_does_not_take_a_newer_snapshot(
     restored.upsert("text", list(zip(*_items(45, rng, "other"), strict=True)))
     caplog.set_level(logging.INFO, logger="cdpae.engine")
     engine = _engine(bundle, restored, snapshots)
-    assert not _snapshot_used(caplog)
+    assert engine.replicas["text"].loaded_from == "store"
     assert "is not the store's" in caplog.text
     hits = engine.search("image", np.ones((1, 16), np.float32), 1000)[0]
     ids = {h.id for h in hits}
@@ -186,10 +183,8 @@ def test_a_damaged_snapshot_is_not_used(bundle, tmp_path, caplog, damage):
         (generation / "alive.npy").unlink()
     caplog.set_level(logging.INFO, logger="cdpae.engine")
     again = _engine(bundle, store, snapshots)
-    assert not any(
-        "text gallery: " in r.getMessage() and "from the snapshot" in r.getMessage()
-        for r in caplog.records
-    )
+    assert again.replicas["text"].loaded_from == "store"
+    assert again.replicas["image"].loaded_from == "snapshot"  # its snapshot was not damaged
     assert again.count("text") == 70
     assert _answers(again) == _answers(_engine(bundle, store, None))
 
@@ -204,9 +199,60 @@ def test_indexes_saved_with_other_hnsw_parameters_are_rebuilt(bundle, tmp_path):
     other = AnnParams(M=12, ef_construction=40, candidates=64)
     again = _engine(bundle, store, snapshots, ann=other)
     replica = again.replicas["text"]
+    assert replica.loaded_from == "snapshot"
     assert replica.snapshot is not None and not replica.snapshot.has_ann
     _wait_for_indexes(again)
     assert replica.gallery.ann is not None
     assert replica.gallery.ann.params.M == 12
     # ...and the rebuilt indexes are saved in their turn (with ANN this time).
     assert replica.snapshot.has_ann
+
+
+def test_a_restarted_shard_reads_its_snapshot_and_catches_up(
+    synthetic_bundle, postgres_url, tmp_path
+):
+    """A shard (as Ray restarts it: the constructor again) reads the snapshot it wrote after
+    its load, catches up on the writes since, and ranks its slice as a load from the store."""
+    from app.bundle import MANIFEST, sha256_of
+    from app.cluster.shard import GalleryShard, ShardConfig
+    from app.gallery import QueryBatch
+    from app.store import open_store
+
+    store = open_store(postgres_url, tmp_path)
+    rng = np.random.default_rng(11)
+    store.upsert("text", list(zip(*_items(400, rng, "s"), strict=True)))
+    config = ShardConfig(
+        bundle=str(synthetic_bundle),
+        bundle_key=sha256_of(synthetic_bundle / MANIFEST),
+        store_url=postgres_url,
+        modality="text",
+        index=1,
+        count=3,
+        ann_params=ANN,
+        ann_min_items=0,
+        snapshot_dir=str(tmp_path / "node-snapshots"),
+    )
+    first = GalleryShard(config)
+    assert first.replica.snapshot is not None  # written after the load from the store
+    first.follower.stop()
+    store.upsert("text", list(zip(*_items(60, rng, "after"), strict=True)))  # while it's down
+    store.delete("text", "s-7")
+    store.delete("text", "s-8")
+    restarted = GalleryShard(config)
+    from_store = GalleryShard(replace(config, snapshot_dir=None))
+    try:
+        assert restarted.replica.loaded_from == "snapshot"
+        assert from_store.replica.loaded_from == "store"
+        units = rng.normal(size=(5, 12)).astype(np.float32)
+        units /= np.linalg.norm(units, axis=1, keepdims=True)
+        queries = QueryBatch(units)
+        assert restarted.count() == from_store.count()
+        got = restarted.search(queries, 50, "cosine", None, "exact")
+        want = from_store.search(queries, 50, "cosine", None, "exact")
+        assert got == want
+        ids = {h.id for hits in got[0] for h in hits}
+        assert not {"s-7", "s-8"} & ids
+    finally:
+        restarted.follower.stop()
+        from_store.follower.stop()
+        store.close()

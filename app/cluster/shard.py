@@ -7,7 +7,9 @@ ranks its slice with exactly the code the single process uses. It answers exact 
 certified approximate) partial top-ks; the front end merges them.
 
 Ray keeps no application state: a restarted actor runs this constructor again, with empty
-memory, possibly on another node. So the constructor reloads the slice from the database,
+memory, possibly on another node. So the constructor reloads the slice: from the node's
+snapshot of it when there is one (written after the slice's load and after its ANN build),
+else from the database,
 and keeps retrying while the database is unreachable (a constructor that raised would leave
 the actor dead for good). Between writes it follows the change log (app.store.changes);
 a write is acknowledged only after the owning shard has caught up to it (`catch_up_to`).
@@ -19,6 +21,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from app.ann import AnnParams
 from app.bundle import MANIFEST, Bundle, Modality, load_bundle, sha256_of
@@ -41,6 +44,10 @@ class ShardConfig:
     count: int
     ann_params: AnnParams
     ann_min_items: int
+    # Where the shard keeps its snapshot (app.snapshot) on the node it runs on: the same path
+    # on every node. A restarted shard reads it if it lands on a node that has one of its
+    # slice (checked against the store, then caught up); None: always load from the store.
+    snapshot_dir: str | None = None
 
 
 class BundleMismatchError(Exception):
@@ -86,6 +93,9 @@ class GalleryShard:
                     ann_params=self.config.ann_params,
                     ann_min_items=self.config.ann_min_items,
                     shard=(self.config.index, self.config.count),
+                    snapshot_dir=Path(self.config.snapshot_dir)
+                    if self.config.snapshot_dir
+                    else None,
                 )
                 replica.load()
                 replica.catch_up()
