@@ -87,3 +87,50 @@ def test_acknowledged_writes_survive_kill_9(synthetic_bundle, tmp_path):
             assert "durable" in ids and "g-9" not in ids  # memory rebuilt from the store
     finally:
         again.stop()
+
+
+@pytest.mark.slow
+def test_restarts_read_the_snapshot_and_catch_up_on_what_came_after(synthetic_bundle, tmp_path):
+    """SIGTERM writes the snapshot; the next start reads it. Writes after it, then kill -9:
+    the start after reads the same snapshot and catches up, losing nothing."""
+    data = tmp_path / "data"
+
+    def search_ids(http: httpx.Client) -> list[str]:
+        query = http.get("/gallery/image/items/g-2").json()["vector"]
+        body = {"vectors": [query], "top_k": 100}
+        hits = http.post("/search/image-to-text", json=body).json()["results"][0]["hits"]
+        return sorted(h["id"] for h in hits)
+
+    first = Server(synthetic_bundle, data, tmp_path / "1.log")
+    try:
+        first.wait_ready()
+        with httpx.Client(base_url=first.url, timeout=10) as http:
+            vector = http.get("/gallery/text/items/g-2").json()["vector"]
+            items = [{"id": f"a-{i}", "vector": vector, "metadata": {}} for i in range(5)]
+            http.put("/gallery/text/items", json={"items": items}).raise_for_status()
+    finally:
+        first.stop(timeout=30)  # graceful: the snapshot is written
+    assert "text gallery: snapshot of 35 items" in (tmp_path / "1.log").read_text()
+    second = Server(synthetic_bundle, data, tmp_path / "2.log")
+    try:
+        second.wait_ready()
+        with httpx.Client(base_url=second.url, timeout=10) as http:
+            items = [{"id": f"b-{i}", "vector": vector, "metadata": {}} for i in range(3)]
+            http.put("/gallery/text/items", json={"items": items}).raise_for_status()
+            assert http.delete("/gallery/text/items/a-0").status_code == 200
+            before_kill = search_ids(http)
+        second.kill9()
+    finally:
+        second.stop()
+    assert "text gallery: 35 items from the snapshot" in (tmp_path / "2.log").read_text()
+    third = Server(synthetic_bundle, data, tmp_path / "3.log")
+    try:
+        third.wait_ready()
+        with httpx.Client(base_url=third.url, timeout=10) as http:
+            assert search_ids(http) == before_kill
+            assert http.get("/gallery/text").json()["count"] == 37
+    finally:
+        third.stop()
+    log = (tmp_path / "3.log").read_text()
+    assert "text gallery: 35 items from the snapshot" in log
+    assert "then 4 changes caught up" in log
