@@ -35,7 +35,7 @@ from app.store.base import (
     id_hash,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 NOTIFY_CHANNEL = "cdpae_changes"
 _WRITE_LOCK = 0x6364_7061_6501  # pg_advisory_xact_lock key: one writer at a time
 _MIGRATE_LOCK = 0x6364_7061_6502
@@ -64,6 +64,9 @@ _SCHEMA = [
         codes      BYTEA NOT NULL,
         PRIMARY KEY (bundle_key, modality, id))""",
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    # Version 2: writes drop the derived data of the item they replace or delete by
+    # (modality, id); without this index each such DELETE scanned the table (app.store.sqlite).
+    "CREATE INDEX IF NOT EXISTS derived_by_item ON derived (modality, id)",
 ]
 
 

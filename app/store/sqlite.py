@@ -5,8 +5,8 @@ survives `kill -9`. Every batch is one transaction: all or nothing. The interfac
 it keeps (items, change log, derived data) are app.store.base's.
 
 Schema versions: 1 had `items` and `meta` only; 2 adds the id hash and sequence number of
-each item, the change log and derived data. Opening a version-1 file migrates it in place
-(one transaction) and keeps every item.
+each item, the change log and derived data; 3 indexes derived data by item. Opening an older
+file migrates it in place (one transaction) and keeps every item.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from app.store.base import (
 )
 
 STORE_FILE = "gallery.sqlite3"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -59,6 +59,9 @@ CREATE TABLE IF NOT EXISTS derived (
     codes      BLOB NOT NULL,  -- app.store.base.Derived.encode
     PRIMARY KEY (bundle_key, modality, id)
 );
+-- A write drops every bundle's derived data of the item it replaces or deletes: without
+-- this index each such DELETE scanned the whole table (100 upserts took 8-9 s at 200k items).
+CREATE INDEX IF NOT EXISTS derived_by_item ON derived (modality, id);
 """
 
 
