@@ -12,7 +12,8 @@ images), it times:
 2. the cluster: a head and one worker node (ray.cluster_utils.Cluster on 127.0.0.1), the
    front end a plain uvicorn `cdpae serve --ray ... --shards N` process: ready time with the
    stored derived data, search latency;
-3. a full restart: every Ray node and the front end stopped, then started again;
+3. a full restart: every Ray node and the front end stopped, then started again (after every
+   shard wrote its snapshot, which the restarted shards read: app/snapshot.py);
 4. with --serve: the same FastAPI app as a Ray Serve deployment (serve.ingress) on that
    cluster, behind Serve's HTTP proxy: search latency.
 Latencies are single-query requests, image -> text, top 10, p50 over `--queries` real test
@@ -84,6 +85,17 @@ def _serve_front_end(bundle: Path, store: str, shards: int) -> str:
     raise TimeoutError("the Serve front end did not become ready")
 
 
+def _wait_for_snapshots(directory: Path, count: int, timeout: float = 1800) -> float:
+    """Seconds until `count` shard snapshots (their pointer files) are in `directory`: the
+    full restart then reads them (app/snapshot.py) instead of loading from the database."""
+    started = time.monotonic()
+    while len(list(directory.glob("*.json"))) < count:
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"{count} snapshots not in {directory} within {timeout:.0f} s")
+        time.sleep(0.5)
+    return time.monotonic() - started
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--bundle", type=Path, required=True)
@@ -127,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
                 ready = front.wait_ready(3600)
                 print(f"cluster, {attempt}: ready in {ready:.1f} s", flush=True)
                 print(f"  ANN indexes built {_wait_for_ann(front.url):.1f} s later", flush=True)
+                if attempt == "cluster start":
+                    waited = _wait_for_snapshots(work / "d2" / "snapshots", 2 * args.shards)
+                    print(f"  every shard's snapshot written {waited:.1f} s later", flush=True)
                 rows.append(
                     (f"cluster, {attempt}", "uvicorn driver", ready, _latencies(front.url, queries))
                 )
