@@ -115,6 +115,35 @@ def save(
     directory.mkdir(parents=True, exist_ok=True)
     generation = directory / f"{origin.name}.{uuid.uuid4().hex[:12]}"
     generation.mkdir()
+    pointer = directory / f"{origin.name}.json"
+    temporary = directory / f".{origin.name}.json.{uuid.uuid4().hex[:8]}"
+    try:
+        manifest = _write_generation(generation, origin, gallery, seq, seq_signature, ann_params)
+        _fsync(generation)
+        _write_file(temporary, lambda f: f.write(json.dumps(manifest, indent=1).encode("utf-8")))
+        os.replace(temporary, pointer)  # the switch: from here on this generation is in force
+    except BaseException:
+        # A full disk (or anything else) leaves the previous snapshot in force, and no half of
+        # this one behind.
+        shutil.rmtree(generation, ignore_errors=True)
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync(directory)
+    for old in directory.glob(f"{origin.name}.*"):
+        if old.is_dir() and old.name != generation.name:
+            shutil.rmtree(old, ignore_errors=True)
+    return SnapshotInfo(seq, seq_signature, len(gallery), manifest["ann"] is not None, generation)
+
+
+def _write_generation(
+    generation: Path,
+    origin: SnapshotOrigin,
+    gallery: Gallery,
+    seq: int,
+    seq_signature: str | None,
+    ann_params: AnnParams | None,
+) -> dict:
+    """The snapshot's files, fsynced, in `generation`; its manifest."""
     n = gallery.n_rows
     files: dict[str, int] = {}
 
@@ -156,7 +185,7 @@ def save(
                 "cosine": sorted(gallery.cosine_ann.deleted),
             },
         }
-    manifest = {
+    return {
         "format": FORMAT,
         **asdict(origin),
         "seq": seq,
@@ -169,16 +198,6 @@ def save(
         "files": files,
         "written_at": time.time(),
     }
-    _fsync(generation)
-    pointer = directory / f"{origin.name}.json"
-    temporary = directory / f".{origin.name}.json.{uuid.uuid4().hex[:8]}"
-    _write_file(temporary, lambda f: f.write(json.dumps(manifest, indent=1).encode("utf-8")))
-    os.replace(temporary, pointer)  # the switch: from here on this generation is in force
-    _fsync(directory)
-    for old in directory.glob(f"{origin.name}.*"):
-        if old.is_dir() and old.name != generation.name:
-            shutil.rmtree(old, ignore_errors=True)
-    return SnapshotInfo(seq, seq_signature, len(gallery), ann is not None, generation)
 
 
 def read_manifest(directory: Path, origin: SnapshotOrigin) -> dict:

@@ -256,3 +256,34 @@ def test_a_restarted_shard_reads_its_snapshot_and_catches_up(
         restarted.follower.stop()
         from_store.follower.stop()
         store.close()
+
+
+def test_a_snapshot_write_that_fails_leaves_the_previous_one(bundle, tmp_path, monkeypatch):
+    """A full disk halfway through: no half-written generation, the previous snapshot stays
+    in force and the next start reads it (and catches up on what it lacks)."""
+    import errno
+
+    import app.snapshot
+
+    snapshots = tmp_path / "snapshots"
+    store = SqliteStore(tmp_path / "db")
+    engine = _engine(bundle, store, snapshots)  # the snapshot written after the load
+    before = sorted(p.name for p in snapshots.iterdir())
+    engine.upsert("text", *_items(10, np.random.default_rng(2), "z"))
+    writes = {"n": 0}
+    real_save = np.save
+
+    def failing_save(*args, **kwargs):
+        writes["n"] += 1
+        if writes["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(app.snapshot.np, "save", failing_save)
+    with pytest.raises(OSError, match="No space"):
+        engine.replicas["text"].save_snapshot()
+    monkeypatch.undo()
+    assert sorted(p.name for p in snapshots.iterdir()) == before
+    again = _engine(bundle, store, snapshots)
+    assert again.replicas["text"].loaded_from == "snapshot"
+    assert again.count("text") == 40
