@@ -70,16 +70,25 @@ class AnnIndex:
     """
 
     def __init__(
-        self, dim: int, capacity: int, params: AnnParams, basis: np.ndarray | None = None
+        self,
+        dim: int,
+        capacity: int,
+        params: AnnParams,
+        basis: np.ndarray | None = None,
+        saved: Path | None = None,
     ) -> None:
+        """An empty index for `capacity` rows, or (saved) the one `save` wrote there."""
         self.params = params
         self.basis = basis
         self.index = hnswlib.Index(space="l2", dim=(dim if basis is None else basis.shape[1]) + 1)
-        self.index.init_index(
-            max_elements=max(capacity, 16),
-            M=params.M,
-            ef_construction=params.ef_construction,
-        )
+        if saved is not None:
+            self.index.load_index(str(saved), max_elements=max(capacity, 16))
+        else:
+            self.index.init_index(
+                max_elements=max(capacity, 16),
+                M=params.M,
+                ef_construction=params.ef_construction,
+            )
         self.index.set_ef(64)  # raised per query (EF_PER_CANDIDATE)
         self.deleted: set[int] = set()
         self.max_residual = 0.0  # largest |m_g - P m_g| ever added
@@ -129,9 +138,7 @@ class AnnIndex:
         deleted: Sequence[int],
     ) -> AnnIndex:
         """An index saved by `save`, with the state it was saved with (app.snapshot)."""
-        restored = cls(dim, 16, params, basis)
-        restored.index.load_index(str(path), max_elements=max(capacity, 16))
-        restored.index.set_ef(64)
+        restored = cls(dim, capacity, params, basis, saved=path)
         restored.max_residual = max_residual
         restored.deleted = set(deleted)
         return restored

@@ -93,6 +93,8 @@ def _read_npy_into(path: Path, out: np.ndarray) -> None:
             )
         if shape[0] > out.shape[0]:
             raise SnapshotMismatch(f"{path.name}: {shape[0]} rows, room for {out.shape[0]}")
+        if shape[0] == 0:  # an empty gallery (or shard slice): nothing to read
+            return
         target = memoryview(out[: shape[0]]).cast("B")
         if f.readinto(target) != target.nbytes:
             raise SnapshotMismatch(f"{path.name}: shorter than its header says")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import shutil
 import sqlite3
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -204,7 +205,11 @@ def test_indexes_saved_with_other_hnsw_parameters_are_rebuilt(bundle, tmp_path):
     _wait_for_indexes(again)
     assert replica.gallery.ann is not None
     assert replica.gallery.ann.params.M == 12
-    # ...and the rebuilt indexes are saved in their turn (with ANN this time).
+    # ...and the rebuilt indexes are saved in their turn (with ANN this time), just after
+    # the build is marked done.
+    deadline = time.monotonic() + 30
+    while not replica.snapshot.has_ann and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert replica.snapshot.has_ann
 
 
