@@ -82,3 +82,16 @@ def test_rewrite_replaces_bundle_atomically(tmp_path):
     assert first != second
     assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no temporary leftovers
     load_bundle(out)
+
+
+def test_an_items_embedding_does_not_depend_on_the_batch_it_came_in(wikipedia_bundle):
+    """Bit for bit: a gallery item's unit embedding could then be re-derived from its raw
+    features whenever needed (docs/service.md, float16 unit embeddings)."""
+    bundle = load_bundle(wikipedia_bundle)
+    rng = np.random.default_rng(1)
+    for modality, dim in bundle.manifest.input_dims.items():
+        features = rng.normal(size=(3000, dim)).astype(np.float32)
+        whole = bundle.embed(modality, features)
+        for size in (1, 2, 3, 7, 64, 100, 1000, 2048):
+            rows = rng.choice(len(features), size=size, replace=False)
+            np.testing.assert_array_equal(bundle.embed(modality, features[rows]), whole[rows])
