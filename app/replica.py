@@ -30,6 +30,7 @@ from app import snapshot
 from app.ann import AnnParams
 from app.bundle import Bundle, Modality
 from app.gallery import Gallery, Hit, QueryBatch, SearchMode, Similarity, canonical_json
+from app.memory import release_freed_memory
 from app.retrieval import neighbour_weights
 from app.snapshot import SnapshotInfo, SnapshotMismatch, SnapshotOrigin
 from app.store import Derived, GalleryStore, StoredItem
@@ -95,6 +96,7 @@ class GalleryReplica:
         embedded."""
         if self.snapshot_dir is not None and self._load_snapshot():
             self.loaded_from = "snapshot"
+            release_freed_memory()
             return 0
         self.loaded_from = "store"
         started = time.perf_counter()
@@ -116,6 +118,7 @@ class GalleryReplica:
             time.perf_counter() - started,
             embedded,
         )
+        release_freed_memory()  # the decoded rows are garbage now: don't keep their peak
         if self.wants_ann():
             self._start_background_ann()  # the snapshot is written when they are built
         else:
