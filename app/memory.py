@@ -2,8 +2,9 @@
 
 A load decodes every stored item (SQL rows, derived-data blobs, JSON) into short-lived
 Python and numpy objects. glibc keeps what they freed in its arenas, so the process stays
-as large as at its peak: measured on a 50k-item SQLite gallery, 6.75 KB of RSS per item
-after the load, 5.59 KB after `malloc_trim(0)` (arrays: 4.98 KB; scripts/bench_load_rss.py).
+as large as at its peak. Measured with scripts/bench_load_rss.py (a first load of a SQLite
+gallery, no ANN index): 6.45 -> 5.35 KB of RSS per item at 50k items, 5.53 -> 5.22 KB at
+200k (arrays: 4.98 / 4.83 KB per item).
 """
 
 from __future__ import annotations
