@@ -292,3 +292,38 @@ def test_a_snapshot_write_that_fails_leaves_the_previous_one(bundle, tmp_path, m
     again = _engine(bundle, store, snapshots)
     assert again.replicas["text"].loaded_from == "snapshot"
     assert again.count("text") == 40
+
+
+def test_the_directory_is_fsynced_before_and_after_the_pointer_is_switched(
+    bundle, tmp_path, monkeypatch
+):
+    """Only the order of the calls can be checked here (a power loss can't be): the
+    directory entry of the new generation is fsynced before the pointer names it, and the
+    pointer's rename is fsynced after it."""
+    import app.snapshot
+
+    snapshots = tmp_path / "snapshots"
+    engine = _engine(bundle, SqliteStore(tmp_path / "db"), snapshots)
+    engine.upsert("text", *_items(10, np.random.default_rng(4), "f"))
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = app.snapshot._fsync, app.snapshot.os.replace
+
+    def fsync(path):
+        events.append(("fsync", str(path)))
+        real_fsync(path)
+
+    def replace(source, target):
+        events.append(("replace", str(target)))
+        real_replace(source, target)
+
+    monkeypatch.setattr(app.snapshot, "_fsync", fsync)
+    monkeypatch.setattr(app.snapshot.os, "replace", replace)
+    info = engine.replicas["text"].save_snapshot()
+    monkeypatch.undo()
+    assert info is not None
+    switch = events.index(("replace", str(snapshots / "text.json")))
+    directory = ("fsync", str(snapshots))
+    assert directory in events[:switch]  # the generation's entry, before the pointer
+    assert directory in events[switch + 1 :]  # the pointer's rename
+    assert events.index(("fsync", str(info.path))) < switch
+    assert _engine(bundle, SqliteStore(tmp_path / "db"), snapshots).count("text") == 40
