@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -139,10 +140,24 @@ def save(
     # The rename is an entry of `directory`, durable only once that is fsynced. Outside the
     # `try`: the pointer already names this generation, which must not be removed now.
     _fsync(directory)
-    for old in directory.glob(f"{origin.name}.*"):
-        if old.is_dir() and old.name != generation.name:
-            shutil.rmtree(old, ignore_errors=True)
+    _remove_leftovers(directory, origin.name, generation.name)
     return SnapshotInfo(seq, seq_signature, len(gallery), manifest["ann"] is not None, generation)
+
+
+def _remove_leftovers(directory: Path, name: str, current: str) -> None:
+    """Remove what earlier writes of snapshot `name` left: older generations and temporary
+    pointers (a crash between writing one and the switch leaves it behind).
+
+    Matched by the exact shape of the names this module writes, not by prefix: other galleries
+    and shards share `directory`, and "text" must not take "text-shard-1-of-4"'s files (or
+    those of a name with a dot in it)."""
+    generation = re.compile(rf"{re.escape(name)}\.[0-9a-f]{{12}}")
+    temporary = re.compile(rf"\.{re.escape(name)}\.json\.[0-9a-f]{{8}}")
+    for path in directory.iterdir():
+        if path.name != current and generation.fullmatch(path.name) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif temporary.fullmatch(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
 
 
 def _write_generation(

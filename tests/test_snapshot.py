@@ -327,3 +327,36 @@ def test_the_directory_is_fsynced_before_and_after_the_pointer_is_switched(
     assert directory in events[switch + 1 :]  # the pointer's rename
     assert events.index(("fsync", str(info.path))) < switch
     assert _engine(bundle, SqliteStore(tmp_path / "db"), snapshots).count("text") == 40
+
+
+def test_a_save_removes_its_own_leftovers_and_nothing_of_other_snapshots(bundle, tmp_path):
+    """A crash mid-write leaves a temporary pointer or an unreferenced generation behind: the
+    next save of that snapshot removes them; other galleries' and shards' files stay."""
+    snapshots = tmp_path / "snapshots"
+    engine = _engine(bundle, SqliteStore(tmp_path / "db"), snapshots)
+    engine.upsert("text", *_items(10, np.random.default_rng(12), "l"))
+    before = {p.name for p in snapshots.iterdir()}
+    stale_pointer = snapshots / ".text.json.0123abcd"
+    stale_pointer.write_text('{"half": ')
+    stale_generation = snapshots / "text.0123456789ab"
+    stale_generation.mkdir()
+    (stale_generation / "units.npy").write_bytes(b"half")
+    others = [
+        snapshots / ".text-shard-1-of-2.json.0123abcd",  # another shard's, mid-write
+        snapshots / ".image.json.89abcdef",
+        snapshots / "text-shard-1-of-2.json",
+    ]
+    for path in others:
+        path.write_text("{}")
+    other_generations = [snapshots / "text-shard-1-of-2.0123456789ab", snapshots / "image.x"]
+    for path in other_generations:
+        path.mkdir()
+    info = engine.replicas["text"].save_snapshot()
+    assert info is not None
+    assert not stale_pointer.exists() and not stale_generation.exists()
+    assert all(p.exists() for p in others + other_generations)
+    texts = {p.name for p in snapshots.iterdir() if p.name.startswith("text.")}
+    assert texts == {"text.json", info.path.name}
+    assert {p.name for p in snapshots.iterdir() if p.name.startswith("image")} == {
+        name for name in before if name.startswith("image")
+    } | {"image.x"}
