@@ -194,13 +194,13 @@ class GalleryReplica:
             return None
         started = time.perf_counter()
         with self.writer:
-            if getattr(self.store, "shared", False):
-                # Others write too: what this copy has applied is its position.
-                self._catch_up_locked()
-                seq = self.applied
-            else:
-                # Only this process writes, each write under `writer`: memory has them all.
-                seq = self.store.last_seq()
+            # The snapshot's seq must be what its arrays reflect. The store's last_seq is not
+            # that even with a single writer (SQLite): a change committed whose put into
+            # memory then failed would be claimed and never caught up after a restart. So
+            # catch up (idempotent: re-applies this process's own writes since the last one)
+            # and record what has been applied, as with a shared store.
+            self._catch_up_locked()
+            seq = self.applied
             origin = self._snapshot_origin()
             signature = self.store.change_signature(seq)
             gallery = self.gallery

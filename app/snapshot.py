@@ -13,16 +13,18 @@ was behind does. Anything that does not match, or a file that is missing or of t
 size, makes the caller load from the store instead (`SnapshotMismatch`).
 
 Written atomically: the files go into a fresh generation directory `NAME.<random>/`, are
-fsynced, and then the pointer `NAME.json` is replaced (os.replace) to name it; older
-generations are removed afterwards. A crash at any point leaves the previous snapshot (or
-none) in force. What is not checked: bit rot inside a file of the right size (no checksum:
-hashing gigabytes would cost the restart time this saves).
+fsynced (and so is the directory holding it, so the new entry is on disk), and then the
+pointer `NAME.json` is replaced (os.replace, then the directory fsynced again) to name it;
+older generations are removed afterwards. A crash at any point, a power loss included, leaves
+the previous snapshot (or none) in force. What is not checked: bit rot inside a file of the
+right size (no checksum: hashing gigabytes would cost the restart time this saves).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -114,7 +116,9 @@ def save(
     sure the gallery reflects every change up to `seq`. ANN indexes are written when the
     gallery has both and ann_params (what they were built with) is given.
     """
-    directory.mkdir(parents=True, exist_ok=True)
+    if not directory.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        _fsync(directory.parent)  # the snapshot directory's own entry, on disk too
     generation = directory / f"{origin.name}.{uuid.uuid4().hex[:12]}"
     generation.mkdir()
     pointer = directory / f"{origin.name}.json"
@@ -122,6 +126,9 @@ def save(
     try:
         manifest = _write_generation(generation, origin, gallery, seq, seq_signature, ann_params)
         _fsync(generation)
+        # The generation's own entry in `directory` must be on disk before a pointer naming
+        # it can be: otherwise a power loss may keep the new pointer and lose the directory.
+        _fsync(directory)
         _write_file(temporary, lambda f: f.write(json.dumps(manifest, indent=1).encode("utf-8")))
         os.replace(temporary, pointer)  # the switch: from here on this generation is in force
     except BaseException:
@@ -130,11 +137,27 @@ def save(
         shutil.rmtree(generation, ignore_errors=True)
         temporary.unlink(missing_ok=True)
         raise
+    # The rename is an entry of `directory`, durable only once that is fsynced. Outside the
+    # `try`: the pointer already names this generation, which must not be removed now.
     _fsync(directory)
-    for old in directory.glob(f"{origin.name}.*"):
-        if old.is_dir() and old.name != generation.name:
-            shutil.rmtree(old, ignore_errors=True)
+    _remove_leftovers(directory, origin.name, generation.name)
     return SnapshotInfo(seq, seq_signature, len(gallery), manifest["ann"] is not None, generation)
+
+
+def _remove_leftovers(directory: Path, name: str, current: str) -> None:
+    """Remove what earlier writes of snapshot `name` left: older generations and temporary
+    pointers (a crash between writing one and the switch leaves it behind).
+
+    Matched by the exact shape of the names this module writes, not by prefix: other galleries
+    and shards share `directory`, and "text" must not take "text-shard-1-of-4"'s files (or
+    those of a name with a dot in it)."""
+    generation = re.compile(rf"{re.escape(name)}\.[0-9a-f]{{12}}")
+    temporary = re.compile(rf"\.{re.escape(name)}\.json\.[0-9a-f]{{8}}")
+    for path in directory.iterdir():
+        if path.name != current and generation.fullmatch(path.name) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif temporary.fullmatch(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
 
 
 def _write_generation(
