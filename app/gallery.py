@@ -27,7 +27,6 @@ from typing import Literal
 import numpy as np
 
 from app.ann import AnnIndex, AnnParams, certified_top_k, pool_basis, sparse_term_bound
-from app.memory import release_freed_memory
 from app.retrieval import (
     ItemCodes,
     TrainingPool,
@@ -308,7 +307,6 @@ class Gallery:
                 knn.put(alive, self.dense_codes(alive))
                 cosine.put(alive, self.units[alive])
             self.ann, self.cosine_ann = knn, cosine
-        release_freed_memory()  # the chunks copied for the build
         log.info(
             "%s gallery: ANN indexes of %d items built in the background in %.1f s "
             "(%d rows changed meanwhile)",

@@ -128,7 +128,11 @@ class GalleryReplica:
     def _start_background_ann(self) -> None:
         # Ready without them: searches take the exact path until they are built. Once built,
         # they are worth keeping: a snapshot saves the next start from building them again.
-        self.gallery.start_background_ann(self.ann_params, on_built=self._snapshot_quietly)
+        self.gallery.start_background_ann(self.ann_params, on_built=self._after_ann_built)
+
+    def _after_ann_built(self) -> None:
+        release_freed_memory()  # the row chunks the build copied
+        self._snapshot_quietly()
 
     # --- snapshots ---------------------------------------------------------------------------
 

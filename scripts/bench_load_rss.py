@@ -12,20 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from scripts.bench_service import fill_store
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+from scripts.bench_service import fill_store, rss_bytes
 
 
 def measure(bundle_dir: Path, data_dir: Path, trim: bool) -> dict[str, float]:
@@ -38,10 +31,10 @@ def measure(bundle_dir: Path, data_dir: Path, trim: bool) -> dict[str, float]:
     if not trim:
         app.replica.release_freed_memory = lambda: None
     bundle = load_bundle(bundle_dir)
-    before = rss_mb()
+    before = rss_bytes(os.getpid())
     engine = Engine(bundle, SqliteStore(data_dir), ann_min_items=10**9, snapshot_dir=None)
     engine.load()
-    grown = rss_mb() - before
+    grown = (rss_bytes(os.getpid()) - before) / 2**20
     items = sum(len(r.gallery) for r in engine.replicas.values())
     arrays = sum(r.gallery.nbytes() for r in engine.replicas.values()) / 2**20
     return {"items": items, "rss_kb": grown * 1024 / items, "arrays_kb": arrays * 1024 / items}

@@ -1,18 +1,16 @@
 """app.memory: freed heap is given back to the operating system."""
 
+import os
 import sys
 
 import pytest
 
 from app.memory import release_freed_memory
+from scripts.bench_service import rss_bytes
 
 
 def _rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
+    return rss_bytes(os.getpid()) / 2**20
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc, needs glibc")
