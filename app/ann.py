@@ -52,14 +52,6 @@ class AnnParams:
     dim: int = 256  # projection size; 0 or >= C: no projection
 
 
-def pool_basis(units: np.ndarray, dim: int) -> np.ndarray | None:
-    """(C, r) orthonormal top principal directions of the pool (uncentred), or None."""
-    if dim <= 0 or dim >= units.shape[1]:
-        return None
-    _, _, vt = np.linalg.svd(np.asarray(units, dtype=np.float64), full_matrices=False)
-    return np.ascontiguousarray(vt[:dim].T, dtype=np.float32)
-
-
 class AnnIndex:
     """HNSW (space 'l2') over lifted projected m_g; label = gallery row.
 
@@ -104,6 +96,16 @@ class AnnIndex:
 
     def put(self, rows: np.ndarray, dense: np.ndarray, num_threads: int = 1) -> None:
         """Add or replace rows (a row freed by `remove` is reused in place)."""
+        if not len(rows):
+            return
+        projected, residual = self._project(dense)
+        self.put_projected(rows, projected, residual, num_threads)
+
+    def put_projected(
+        self, rows: np.ndarray, projected: np.ndarray, residual: np.ndarray, num_threads: int = 1
+    ) -> None:
+        """`put` of rows already projected onto this index's basis, with their residual norms
+        (the gallery keeps cosine items in that form: app.projection)."""
         rows = np.asarray(rows, dtype=np.int64)
         if not len(rows):
             return
@@ -114,7 +116,6 @@ class AnnIndex:
             if row in self.deleted:  # a deleted label is revived by overwriting it in place
                 self.index.unmark_deleted(row)
                 self.deleted.discard(row)
-        projected, residual = self._project(dense)
         self.max_residual = max(self.max_residual, float(residual.max()))
         norms2 = np.einsum("nc,nc->n", projected, projected)
         lifted = np.hstack([projected, np.sqrt(np.clip(1.0 - norms2, 0.0, None))[:, None]])
