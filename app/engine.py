@@ -232,7 +232,7 @@ class Engine:
         metadata_json = [canonical_json(m) for m in metadata]
         with replica.writer:
             self.store.upsert(modality, rows, derived, self.bundle_key)
-            replica.put(ids, derived, metadata_json)
+            replica.put(ids, features, derived, metadata_json)
             return len(replica)
 
     def delete(self, modality: Modality, item_id: str) -> int | None:

@@ -26,7 +26,8 @@ from typing import Literal
 
 import numpy as np
 
-from app.ann import AnnIndex, AnnParams, certified_top_k, pool_basis, sparse_term_bound
+from app.ann import AnnIndex, AnnParams, certified_top_k, sparse_term_bound
+from app.projection import ROUNDING_SLACK, Projection, contenders
 from app.retrieval import (
     ItemCodes,
     TrainingPool,
@@ -41,6 +42,8 @@ log = logging.getLogger("cdpae.gallery")
 
 Similarity = Literal["knn", "cosine"]
 SearchMode = Literal["auto", "exact", "approximate"]
+# A gallery's per-row arrays (grown together, saved by app.snapshot).
+ARRAYS = ("neighbours", "weights", "projected", "residual", "features", "alive")
 
 
 class RWLock:
@@ -140,15 +143,30 @@ class Gallery:
     later insert, so row numbers (also the ANN labels) stay stable.
     """
 
-    def __init__(self, modality: str, pool: TrainingPool, k: int, capacity: int = 1024) -> None:
+    def __init__(
+        self,
+        modality: str,
+        pool: TrainingPool,
+        k: int,
+        embed: Callable[[np.ndarray], np.ndarray],
+        feature_dim: int,
+        capacity: int = 1024,
+    ) -> None:
+        """`embed`: raw features -> unit embeddings, the bundle's own (app.bundle.Bundle.embed),
+        which cosine scoring recomputes for the few items it rescores (app.projection)."""
         self.modality = modality
         self.pool = pool
         self.k = k
+        self.embed = embed
+        self.projection = Projection.of(pool)
         self.lock = RWLock()
         self.n_rows = 0  # rows in use, dead or alive: [0, n_rows)
         self.neighbours = np.zeros((capacity, k), dtype=np.int32)
         self.weights = np.zeros((capacity, k), dtype=np.float32)
-        self.units = np.zeros((capacity, pool.dim), dtype=np.float32)
+        # Cosine items kept compactly (app.projection): P u_g, |u_g - P u_g|, raw features.
+        self.projected = np.zeros((capacity, self.projection.width(pool.dim)), dtype=np.float32)
+        self.residual = np.zeros(capacity, dtype=np.float32)
+        self.features = np.zeros((capacity, feature_dim), dtype=np.float32)
         self.alive = np.zeros(capacity, dtype=bool)
         self.ids: list[str | None] = [None] * capacity
         self.metadata: list[str | None] = [None] * capacity  # canonical JSON
@@ -170,9 +188,9 @@ class Gallery:
         return self.alive.shape[0]
 
     def nbytes(self) -> int:
-        arrays = self.neighbours.nbytes + self.weights.nbytes + self.units.nbytes
+        arrays = sum(getattr(self, name).nbytes for name in ARRAYS)
         indexes = sum(i.size_bytes() for i in (self.ann, self.cosine_ann) if i is not None)
-        return arrays + self.alive.nbytes + indexes
+        return arrays + indexes
 
     # --- changes (under the write lock) ------------------------------------------------------
 
@@ -186,7 +204,7 @@ class Gallery:
             capacity *= 2
         if exact:
             capacity = needed
-        for name in ("neighbours", "weights", "units", "alive"):
+        for name in ARRAYS:
             old = getattr(self, name)
             new = np.zeros((capacity, *old.shape[1:]), dtype=old.dtype)
             new[: self.n_rows] = old[: self.n_rows]
@@ -213,8 +231,14 @@ class Gallery:
                     if not values:
                         del self.by_value[key]
 
-    def put(self, ids: Sequence[str], derived: Derived, metadata_json: Sequence[str]) -> None:
-        """Insert or replace items, given their kNN codes and unit embeddings."""
+    def put(
+        self,
+        ids: Sequence[str],
+        features: np.ndarray,
+        derived: Derived,
+        metadata_json: Sequence[str],
+    ) -> None:
+        """Insert or replace items, given their raw features, kNN codes and unit embeddings."""
         rows = np.empty(len(ids), dtype=np.int64)
         for i, item_id in enumerate(ids):
             row = self.row_of.get(item_id)
@@ -234,14 +258,17 @@ class Gallery:
             self._index_metadata(row, metadata_json[i], add=True)
         self.neighbours[rows] = derived.neighbours
         self.weights[rows] = derived.weights
-        self.units[rows] = derived.units
+        projected, residual = self.projection.project(derived.units)
+        self.projected[rows] = projected
+        self.residual[rows] = residual
+        self.features[rows] = features
         self.alive[rows] = True
         if len(ids):
             self.max_weight = max(self.max_weight, float(derived.weights.max()))
         if self.ann is not None:
             self.ann.put(rows, self.dense_codes(rows))
         if self.cosine_ann is not None:
-            self.cosine_ann.put(rows, derived.units)
+            self.cosine_ann.put_projected(rows, projected, residual)
         if self._changed_during_build is not None:
             self._changed_during_build.update(rows.tolist())
 
@@ -264,9 +291,8 @@ class Gallery:
     def build_ann(self, params: AnnParams) -> None:
         """Index every live row's m_g (knn) and unit embedding (cosine), under the write lock
         the caller holds; logs progress (minutes at 1M items)."""
-        basis = pool_basis(self.pool.units, params.dim)
-        self.ann = self._build_index("knn", params, basis, self.dense_codes)
-        self.cosine_ann = self._build_index("cosine", params, basis, lambda rows: self.units[rows])
+        self.ann = self._build_index("knn", params, self._knn_basis(params), self.dense_codes)
+        self.cosine_ann = self._build_index("cosine", params, self.projection.basis, None)
 
     def build_ann_in_background(
         self, params: AnnParams, on_built: Callable[[], None] | None = None
@@ -276,13 +302,12 @@ class Gallery:
         exact, meanwhile. Rows are copied a chunk at a time under the read lock; rows that
         change after their chunk was copied are re-applied when the indexes are installed."""
         started = time.perf_counter()
-        basis = pool_basis(self.pool.units, params.dim)
         with self.lock.write():
             if self._changed_during_build is None:  # else start_background_ann marked it
                 self._changed_during_build = set()
             capacity = max(self.capacity, 16)
-        knn = AnnIndex(self.pool.dim, capacity, params, basis)
-        cosine = AnnIndex(self.pool.dim, capacity, params, basis)
+        knn = AnnIndex(self.pool.dim, capacity, params, self._knn_basis(params))
+        cosine = AnnIndex(self.pool.dim, capacity, params, self.projection.basis)
         threads = max(1, min(4, os.cpu_count() or 1))
         start = 0
         while True:
@@ -290,11 +315,12 @@ class Gallery:
                 end = min(start + 16384, self.n_rows)
                 rows = start + np.flatnonzero(self.alive[start:end])
                 dense = self.dense_codes(rows)
-                units = self.units[rows].copy()
+                projected = self.projected[rows].copy()
+                residual = self.residual[rows].copy()
             if start >= end:
                 break
             knn.put(rows, dense, num_threads=threads)
-            cosine.put(rows, units, num_threads=threads)
+            cosine.put_projected(rows, projected, residual, num_threads=threads)
             start = end
         with self.lock.write():
             changed = np.array(sorted(self._changed_during_build or ()), dtype=np.int64)
@@ -305,7 +331,7 @@ class Gallery:
                     index.remove(row)
             if len(alive):
                 knn.put(alive, self.dense_codes(alive))
-                cosine.put(alive, self.units[alive])
+                cosine.put_projected(alive, self.projected[alive], self.residual[alive])
             self.ann, self.cosine_ann = knn, cosine
         log.info(
             "%s gallery: ANN indexes of %d items built in the background in %.1f s "
@@ -345,15 +371,19 @@ class Gallery:
         similarity: Similarity,
         params: AnnParams,
         basis: np.ndarray | None,
-        vectors: Callable[[np.ndarray], np.ndarray],
+        dense: Callable[[np.ndarray], np.ndarray] | None,
     ) -> AnnIndex:
+        """dense(rows) gives the vectors to index (knn's m_g); None: the rows' projections."""
         started = time.perf_counter()
         index = AnnIndex(self.pool.dim, max(self.capacity, 16), params, basis)
         live = np.flatnonzero(self.alive[: self.n_rows])
         threads = max(1, min(4, os.cpu_count() or 1))
         for start in range(0, len(live), 16384):
             rows = live[start : start + 16384]
-            index.put(rows, vectors(rows), num_threads=threads)
+            if dense is None:
+                index.put_projected(rows, self.projected[rows], self.residual[rows], threads)
+            else:
+                index.put(rows, dense(rows), num_threads=threads)
             log.info(
                 "%s gallery: %s ANN index %d / %d items",
                 self.modality,
@@ -369,6 +399,9 @@ class Gallery:
             time.perf_counter() - started,
         )
         return index
+
+    def _knn_basis(self, params: AnnParams) -> np.ndarray | None:
+        return self.pool.principal_basis(params.dim)
 
     # --- reads (under the read lock) ---------------------------------------------------------
 
@@ -388,20 +421,56 @@ class Gallery:
         return np.asarray(weights @ self.pool.units, dtype=np.float32)
 
     def scores(
-        self, queries: QueryBatch, similarity: Similarity, rows: np.ndarray | None = None
+        self,
+        queries: QueryBatch,
+        similarity: Similarity,
+        rows: np.ndarray | None = None,
+        k: int | None = None,
     ) -> np.ndarray:
-        """(Q, rows) exact scores; rows None: every slot [0, n_rows), dead ones at -inf."""
+        """(Q, rows) exact scores; rows None: every slot [0, n_rows), dead ones at -inf.
+        Cosine with k: only the items that can be in a query's top k are sure to be scored
+        (app.projection); the others may be -inf."""
         picked = slice(0, self.n_rows) if rows is None else rows
-        if similarity == "cosine":
-            scores = cosine_scores(queries.units, self.units[picked])
-        else:
-            assert queries.profile is not None, "knn scores need the query profiles"
-            weights = gallery_weight_matrix(
-                self.pool, self.neighbours[picked], self.weights[picked]
-            )
-            scores = profile_scores(queries.profile, weights)
+        dead = None
         if rows is None and len(self) < self.n_rows:
-            scores[:, ~self.alive[: self.n_rows]] = -np.inf
+            dead = ~self.alive[: self.n_rows]
+        if similarity == "cosine":
+            return self._cosine_scores(queries.units, picked, dead, k)
+        assert queries.profile is not None, "knn scores need the query profiles"
+        weights = gallery_weight_matrix(self.pool, self.neighbours[picked], self.weights[picked])
+        scores = profile_scores(queries.profile, weights)
+        if dead is not None:
+            scores[:, dead] = -np.inf
+        return scores
+
+    def _cosine_scores(
+        self,
+        query_units: np.ndarray,
+        picked: slice | np.ndarray,
+        dead: np.ndarray | None,
+        k: int | None,
+    ) -> np.ndarray:
+        """Cosine scores from the compact form: the projections bound every item, and the
+        items that can be in a query's top k are re-embedded and scored exactly."""
+        projected = self.projected[picked]
+        n = len(projected)
+        if k is None or k >= n:
+            keep = np.ones((len(query_units), n), dtype=bool)
+        else:
+            q_projected, q_residual = self.projection.project(query_units)
+            approx = cosine_scores(q_projected, projected)
+            slack = q_residual[:, None] * self.residual[picked][None, :] + ROUNDING_SLACK
+            if dead is not None:
+                approx[:, dead] = -np.inf
+            keep = contenders(approx, slack, k)
+        if dead is not None:
+            keep[:, dead] = False
+        columns = np.flatnonzero(keep.any(axis=0))
+        scores = np.full((len(query_units), n), -np.inf, dtype=np.float32)
+        if len(columns):
+            # Every score computed is exact, whichever query's contender it was.
+            units = self.embed(self.features[picked][columns])
+            scores[:, columns] = cosine_scores(query_units, units)
         return scores
 
     def search_exact(
@@ -418,7 +487,7 @@ class Gallery:
         k = min(k, len(self) if rows is None else len(rows))
         if k <= 0:
             return [[] for _ in range(len(queries))]
-        scores = self.scores(queries, similarity, rows)
+        scores = self.scores(queries, similarity, rows, k)
         # Column j of `scores` is row j of the gallery, or rows[j] under a filter.
         ids = self.ids if rows is None else [self.ids[r] for r in rows.tolist()]
         results = []
@@ -456,7 +525,13 @@ class Gallery:
             else:
                 query, bound = one.units[0], _cosine_outside_bound
             found = certified_top_k(
-                index, query, bound, partial(self._rescore, one, similarity), self.ids, k, len(self)
+                index,
+                query,
+                bound,
+                partial(self._rescore, one, similarity, k),
+                self.ids,
+                k,
+                len(self),
             )
             if found is None:
                 results.extend(self.search_exact(one, k, similarity))
@@ -466,8 +541,10 @@ class Gallery:
                 paths.append(found.path)
         return results, paths
 
-    def _rescore(self, one: QueryBatch, similarity: Similarity, rows: np.ndarray) -> np.ndarray:
-        return self.scores(one, similarity, rows)[0]
+    def _rescore(
+        self, one: QueryBatch, similarity: Similarity, k: int, rows: np.ndarray
+    ) -> np.ndarray:
+        return self.scores(one, similarity, rows, k)[0]
 
     def hits(self, rows: np.ndarray, scores: np.ndarray) -> list[Hit]:
         return [

@@ -22,6 +22,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +79,7 @@ class GalleryReplica:
         self.ann_params = ann_params or AnnParams()
         self.ann_min_items = ann_min_items
         self.shard = shard
-        self.gallery = Gallery(modality, bundle.pool, bundle.knn_k)
+        self.gallery = self._new_gallery()
         # One writer at a time, so the store and memory see this copy's writes in one order.
         self.writer = threading.Lock()
         self.applied = 0  # the change log position this copy has applied up to
@@ -136,6 +137,11 @@ class GalleryReplica:
 
     # --- snapshots ---------------------------------------------------------------------------
 
+    def _new_gallery(self) -> Gallery:
+        encoder = self.bundle.encoders[self.modality]
+        embed = partial(self.bundle.embed, self.modality)
+        return Gallery(self.modality, self.bundle.pool, self.bundle.knn_k, embed, encoder.input_dim)
+
     @property
     def snapshot_name(self) -> str:
         if self.shard is None:
@@ -162,7 +168,7 @@ class GalleryReplica:
                 raise SnapshotMismatch(
                     f"change {seq} is not the store's (the store was restored or replaced)"
                 )
-            gallery = Gallery(self.modality, self.bundle.pool, self.bundle.knn_k)
+            gallery = self._new_gallery()
             with gallery.lock.write():
                 has_ann = snapshot.load(self.snapshot_dir, manifest, gallery, self.ann_params)
         except SnapshotMismatch as exc:
@@ -281,7 +287,10 @@ class GalleryReplica:
             derived.assign(missing, computed)
         metadata_json = [canonical_json(it.metadata) for it in items]
         # While loading, the ANN indexes are built once at the end (in the background).
-        self.put([it.id for it in items], derived, metadata_json, build_ann=not write_back)
+        features = np.stack([it.vector for it in items])
+        self.put(
+            [it.id for it in items], features, derived, metadata_json, build_ann=not write_back
+        )
         return len(missing)
 
     def catch_up(self, target: int = 0) -> int:
@@ -324,6 +333,7 @@ class GalleryReplica:
     def put(
         self,
         ids: Sequence[str],
+        features: np.ndarray,
         derived: Derived,
         metadata_json: Sequence[str],
         build_ann: bool = True,
@@ -331,7 +341,7 @@ class GalleryReplica:
         """Insert or replace items in memory; builds the ANN indexes (synchronously) when the
         gallery has just grown past ann_min_items and build_ann is set."""
         with self.gallery.lock.write():
-            self.gallery.put(ids, derived, metadata_json)
+            self.gallery.put(ids, features, derived, metadata_json)
             if build_ann and self.wants_ann():
                 self.gallery.build_ann(self.ann_params)
 

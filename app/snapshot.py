@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 
 from app.ann import AnnIndex, AnnParams
-from app.gallery import Gallery
+from app.gallery import ARRAYS, Gallery
 
-FORMAT = 1
-_ARRAYS = ("neighbours", "weights", "units", "alive")
+# 2: cosine items as projection + residual + raw features (app.projection), not unit embeddings
+FORMAT = 2
 
 
 class SnapshotMismatch(Exception):
@@ -176,7 +176,7 @@ def _write_generation(
         _write_file(generation / name, write)
         files[name] = (generation / name).stat().st_size
 
-    for array in _ARRAYS:
+    for array in ARRAYS:
         rows = getattr(gallery, array)[:n]
         put(f"{array}.npy", lambda f, rows=rows: np.save(f, rows, allow_pickle=False))
     put("free.npy", lambda f: np.save(f, np.asarray(gallery.free, dtype=np.int64)))
@@ -262,7 +262,7 @@ def load(
     generation = directory / str(manifest["generation"])
     n = int(manifest["n_rows"])
     gallery.reserve(n + headroom)
-    for array in _ARRAYS:
+    for array in ARRAYS:
         _read_npy_into(generation / f"{array}.npy", getattr(gallery, array))
     rows = json.loads((generation / "rows.json").read_text())
     ids, metadata = rows["ids"], rows["metadata"]
@@ -290,14 +290,16 @@ def load(
         ann_params.dim,
     ):
         return False
-    basis = np.load(generation / "basis.npy") if (generation / "basis.npy").exists() else None
+    knn_basis = np.load(generation / "basis.npy") if (generation / "basis.npy").exists() else None
+    # The cosine index is over the gallery's own projections (app.projection).
+    bases = {"knn": knn_basis, "cosine": gallery.projection.basis}
     indexes = [
         AnnIndex.restore(
             generation / f"{similarity}.hnsw",
             gallery.pool.dim,
             gallery.capacity,
             ann_params,
-            basis,
+            bases[similarity],
             float(ann["max_residual"][similarity]),
             ann["deleted"][similarity],
         )

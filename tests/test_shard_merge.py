@@ -10,17 +10,23 @@ summation order depends on the matrix shape (docs/cluster.md, "the float-summati
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import numpy as np
 import pytest
 
-from app.bundle import load_bundle
+from app.bundle import Bundle, load_bundle
 from app.gallery import Gallery, QueryBatch, merge_hits
 from app.replica import derive
 from app.retrieval import query_profile
 from app.store import shard_of
 
 N_SHARDS = 4
+
+
+def text_gallery(bundle: Bundle) -> Gallery:
+    embed = partial(bundle.embed, "text")
+    return Gallery("text", bundle.pool, bundle.knn_k, embed, bundle.manifest.input_dims["text"])
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +40,14 @@ def split(wikipedia_bundle):
     features[300:320] = features[0:20]
     derived = derive(bundle, "text", features)
     metadata = [json.dumps({"colour": ["red", "blue", "green"][i % 3]}) for i in range(n)]
-    whole = Gallery("text", bundle.pool, bundle.knn_k)
-    whole.put(ids, derived, metadata)
-    shards = [Gallery("text", bundle.pool, bundle.knn_k) for _ in range(N_SHARDS)]
+    whole = text_gallery(bundle)
+    whole.put(ids, features, derived, metadata)
+    shards = [text_gallery(bundle) for _ in range(N_SHARDS)]
     for s, shard in enumerate(shards):
         rows = [i for i, item_id in enumerate(ids) if shard_of(item_id, N_SHARDS) == s]
         shard.put(
             [ids[i] for i in rows],
+            features[rows],
             type(derived)(derived.neighbours[rows], derived.weights[rows], derived.units[rows]),
             [metadata[i] for i in rows],
         )

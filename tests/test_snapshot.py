@@ -175,8 +175,8 @@ def test_a_damaged_snapshot_is_not_used(bundle, tmp_path, caplog, damage):
     engine.close()
     generation = next(p for p in snapshots.iterdir() if p.is_dir() and p.name.startswith("text"))
     if damage == "truncated":
-        units = generation / "units.npy"
-        units.write_bytes(units.read_bytes()[:-100])
+        projected = generation / "projected.npy"
+        projected.write_bytes(projected.read_bytes()[:-100])
     elif damage == "garbled":  # the right size, not JSON any more
         rows = generation / "rows.json"
         rows.write_bytes(b"\x00" * rows.stat().st_size)
@@ -340,7 +340,7 @@ def test_a_save_removes_its_own_leftovers_and_nothing_of_other_snapshots(bundle,
     stale_pointer.write_text('{"half": ')
     stale_generation = snapshots / "text.0123456789ab"
     stale_generation.mkdir()
-    (stale_generation / "units.npy").write_bytes(b"half")
+    (stale_generation / "projected.npy").write_bytes(b"half")
     others = [
         snapshots / ".text-shard-1-of-2.json.0123abcd",  # another shard's, mid-write
         snapshots / ".image.json.89abcdef",
