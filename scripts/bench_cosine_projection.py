@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-from app.ann import pool_basis
 from app.bundle import load_bundle
 from app.retrieval import cosine_scores
 
@@ -47,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
 
     bundle = load_bundle(args.bundle)
     gallery = bundle.default_gallery()
-    # The same basis the ANN indexes project onto (app.ann.pool_basis).
-    basis = pool_basis(bundle.pool.units, args.dim)
+    # The same basis the gallery projects onto (app.projection).
+    basis = bundle.pool.principal_basis(args.dim)
     assert basis is not None, f"--dim {args.dim} must be below the common dim {bundle.pool.dim}"
     features = synthetic_texts(gallery.features["text"], args.items, seed=0)
     units = np.vstack(
