@@ -96,8 +96,6 @@ class AnnIndex:
 
     def put(self, rows: np.ndarray, dense: np.ndarray, num_threads: int = 1) -> None:
         """Add or replace rows (a row freed by `remove` is reused in place)."""
-        if not len(rows):
-            return
         projected, residual = self._project(dense)
         self.put_projected(rows, projected, residual, num_threads)
 

@@ -291,7 +291,9 @@ class Gallery:
     def build_ann(self, params: AnnParams) -> None:
         """Index every live row's m_g (knn) and unit embedding (cosine), under the write lock
         the caller holds; logs progress (minutes at 1M items)."""
-        self.ann = self._build_index("knn", params, self._knn_basis(params), self.dense_codes)
+        self.ann = self._build_index(
+            "knn", params, self.pool.principal_basis(params.dim), self.dense_codes
+        )
         self.cosine_ann = self._build_index("cosine", params, self.projection.basis, None)
 
     def build_ann_in_background(
@@ -306,7 +308,7 @@ class Gallery:
             if self._changed_during_build is None:  # else start_background_ann marked it
                 self._changed_during_build = set()
             capacity = max(self.capacity, 16)
-        knn = AnnIndex(self.pool.dim, capacity, params, self._knn_basis(params))
+        knn = AnnIndex(self.pool.dim, capacity, params, self.pool.principal_basis(params.dim))
         cosine = AnnIndex(self.pool.dim, capacity, params, self.projection.basis)
         threads = max(1, min(4, os.cpu_count() or 1))
         start = 0
@@ -400,9 +402,6 @@ class Gallery:
         )
         return index
 
-    def _knn_basis(self, params: AnnParams) -> np.ndarray | None:
-        return self.pool.principal_basis(params.dim)
-
     # --- reads (under the read lock) ---------------------------------------------------------
 
     def rows_matching(self, flt: dict[str, object]) -> np.ndarray:
@@ -469,7 +468,9 @@ class Gallery:
         scores = np.full((len(query_units), n), -np.inf, dtype=np.float32)
         if len(columns):
             # Every score computed is exact, whichever query's contender it was.
-            units = self.embed(self.features[picked][columns])
+            # Under a filter, column j is gallery row picked[j]; without one, row j.
+            rows = columns if isinstance(picked, slice) else picked[columns]
+            units = self.embed(self.features[rows])
             scores[:, columns] = cosine_scores(query_units, units)
         return scores
 

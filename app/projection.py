@@ -23,8 +23,9 @@ import numpy as np
 from app.retrieval import TrainingPool
 
 DIM = 256
-# float32 rounding of the 1024-term exact and 256-term projected dot products; about a
-# hundred times what it is measured to be (tests/test_projection.py checks the bound holds).
+# float32 rounding of the 1024-term exact and 256-term projected dot products. Chosen, not
+# derived: scripts/bench_cosine_projection found 0 violations in 10M (query, item) pairs at
+# 200k items, and tests/test_projection.py checks the bound on every pair of the test split.
 ROUNDING_SLACK = 1e-4
 
 

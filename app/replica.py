@@ -276,10 +276,10 @@ class GalleryReplica:
         if stored:
             derived.assign(stored, Derived.decode([items[i].derived or b"" for i in stored], k))
         missing = [i for i, it in enumerate(items) if it.derived is None]
+        features = np.stack([it.vector for it in items])
         if missing:
-            features = np.stack([items[i].vector for i in missing])
             # Bulk work: let hnswlib use every core for the training-pool kNN.
-            computed = derive(self.bundle, self.modality, features, os.cpu_count() or 1)
+            computed = derive(self.bundle, self.modality, features[missing], os.cpu_count() or 1)
             if write_back:
                 self.store.put_derived(
                     self.bundle_key, self.modality, [items[i].id for i in missing], computed
@@ -287,7 +287,6 @@ class GalleryReplica:
             derived.assign(missing, computed)
         metadata_json = [canonical_json(it.metadata) for it in items]
         # While loading, the ANN indexes are built once at the end (in the background).
-        features = np.stack([it.vector for it in items])
         self.put(
             [it.id for it in items], features, derived, metadata_json, build_ann=not write_back
         )

@@ -196,9 +196,6 @@ def _write_generation(
             index.save(path)
             _fsync(path)
             files[path.name] = path.stat().st_size
-        basis = gallery.ann.basis
-        if basis is not None:
-            put("basis.npy", lambda f: np.save(f, basis))
         ann = {
             "params": asdict(ann_params),
             "max_residual": {
@@ -290,9 +287,13 @@ def load(
         ann_params.dim,
     ):
         return False
-    knn_basis = np.load(generation / "basis.npy") if (generation / "basis.npy").exists() else None
-    # The cosine index is over the gallery's own projections (app.projection).
-    bases = {"knn": knn_basis, "cosine": gallery.projection.basis}
+    # Both bases are functions of the bundle's pool (the knn one of the index dim, checked
+    # above), so nothing of them needs saving. The cosine index is over the gallery's own
+    # projections (app.projection).
+    bases = {
+        "knn": gallery.pool.principal_basis(ann_params.dim),
+        "cosine": gallery.projection.basis,
+    }
     indexes = [
         AnnIndex.restore(
             generation / f"{similarity}.hnsw",

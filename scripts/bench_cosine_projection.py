@@ -22,18 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from app.bundle import load_bundle
+from app.projection import ROUNDING_SLACK, Projection, contenders
 from app.retrieval import cosine_scores
-
-ROUNDING_SLACK = 1e-4  # float32 rounding of the dot products, generously
-
-
-def synthetic_texts(text: np.ndarray, n: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, len(text), size=n)
-    noisy = np.clip(
-        text[base] + 0.1 * text.std(axis=0) * rng.normal(size=(n, text.shape[1])), 0, None
-    )
-    return (noisy / np.maximum(noisy.sum(axis=1, keepdims=True), 1e-12)).astype(np.float32)
+from scripts.bench_service import synthetic_texts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,18 +37,16 @@ def main(argv: list[str] | None = None) -> int:
 
     bundle = load_bundle(args.bundle)
     gallery = bundle.default_gallery()
-    # The same basis the gallery projects onto (app.projection).
-    basis = bundle.pool.principal_basis(args.dim)
-    assert basis is not None, f"--dim {args.dim} must be below the common dim {bundle.pool.dim}"
-    features = synthetic_texts(gallery.features["text"], args.items, seed=0)
+    # The same projection the gallery keeps (app.projection).
+    projection = Projection.of(bundle.pool, args.dim)
+    assert projection.basis is not None, f"--dim {args.dim} must be below {bundle.pool.dim}"
+    _, features = synthetic_texts(gallery.features["text"], args.items, np.random.default_rng(0))
     units = np.vstack(
         [bundle.embed("text", features[i : i + 8192]) for i in range(0, len(features), 8192)]
     )
-    projected = units @ basis
-    residual = np.linalg.norm(units - projected @ basis.T, axis=1)
+    projected, residual = projection.project(units)
     queries = bundle.embed("image", gallery.features["image"][: args.queries])
-    q_projected = queries @ basis
-    q_residual = np.linalg.norm(queries - q_projected @ basis.T, axis=1)
+    q_projected, q_residual = projection.project(queries)
     print(f"{args.items:,} text items, {len(queries)} image queries, projection to {args.dim}")
     print(
         "gallery residual |r_g| p50/p90/p99/max:",
@@ -79,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         slack = q_residual[i] * residual + ROUNDING_SLACK
         violations += int((np.abs(exact - approx) > slack).sum())
         for k in remaining:
-            kth_lower = np.partition(approx - slack, -k)[-k]
-            remaining[k].append(int((approx + slack >= kth_lower).sum()))
+            remaining[k].append(int(contenders(approx[None], slack[None], k).sum()))
     for k, counts in remaining.items():
         print(f"k={k}: left to rescore median {statistics.median(counts):.0f}, max {max(counts)}")
     print(f"bound violated for {violations} of {len(queries) * args.items:,} (query, item) pairs")

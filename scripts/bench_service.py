@@ -48,6 +48,20 @@ from tests.support.service import Server
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def synthetic_texts(
+    text: np.ndarray, n: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """n Wikipedia-like texts: (which real text each is drawn around, their features). A
+    random real text + Gaussian noise of 0.1 x each feature's std, clipped at 0 and
+    renormalised, since LDA proportions sum to 1."""
+    base = rng.integers(0, len(text), size=n)
+    noisy = np.clip(
+        text[base] + 0.1 * text.std(axis=0) * rng.normal(size=(n, text.shape[1])), 0, None
+    )
+    noisy /= np.maximum(noisy.sum(axis=1, keepdims=True), 1e-12)
+    return base, noisy.astype(np.float32)
+
+
 def fill_store(data_dir: Path, bundle_dir: Path, size: int, seed: int = 0) -> float:
     """A store with `size` text items (real + synthetic) and the real test images; seconds."""
     marker = f"bench-{size}-{seed}"
@@ -66,18 +80,15 @@ def fill_store(data_dir: Path, bundle_dir: Path, size: int, seed: int = 0) -> fl
     store = SqliteStore(data_dir)
     texts = [(str(i), v, {"category": str(c)}) for i, v, c in zip(ids, text, cats, strict=True)]
     images = [(str(i), v, {"category": str(c)}) for i, v, c in zip(ids, image, cats, strict=True)]
-    std = text.std(axis=0)
     remaining = max(0, size - len(texts))
     chunk = 100_000
     # One transaction per chunk; the seed marker goes in with the first.
     first = True
     for start in range(0, max(remaining, 1), chunk):
         n = min(chunk, remaining - start)
-        base = rng.integers(0, len(text), size=n)
-        synthetic = np.clip(text[base] + 0.1 * std * rng.normal(size=(n, text.shape[1])), 0, None)
-        synthetic /= np.maximum(synthetic.sum(axis=1, keepdims=True), 1e-12)
+        base, synthetic = synthetic_texts(text, n, rng)
         items = [
-            (f"syn-{start + j}", synthetic[j].astype(np.float32), {"category": str(cats[b])})
+            (f"syn-{start + j}", synthetic[j], {"category": str(cats[b])})
             for j, b in enumerate(base)
         ]
         if first:
