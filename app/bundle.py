@@ -159,6 +159,11 @@ class Encoder:
         # The service runs several requests at once; one intra-op thread each keeps
         # a 2-core machine from oversubscribing.
         options.intra_op_num_threads = 1
+        # No memory arena: onnxruntime's keeps, for the life of the process, what it grew to
+        # for the largest run (a batch of cosine queries re-embedding tens of thousands of
+        # contenders left 260 MB behind, 1.3 KB per item at 200k: scripts/bench_rss_stages.py).
+        # Plain malloc gives it back, and a one-row run is no slower (14 vs 17 us measured).
+        options.enable_cpu_mem_arena = False
         try:
             self.session = ort.InferenceSession(
                 str(path), options, providers=["CPUExecutionProvider"]
