@@ -71,7 +71,7 @@ class Settings(BaseSettings):
         8192, ge=1, description="candidate list cap while widening the approximate path"
     )
     ann_dim: int = Field(
-        256,
+        128,
         ge=0,
         description="the approximate index holds m_g projected on this many principal "
         "directions of the training pool (0: no projection)",

@@ -1,0 +1,83 @@
+"""The knn ANN index's projection size and beam against recall, certification and time.
+
+    OPENBLAS_NUM_THREADS=1 python -m scripts.bench_ann_params --size 200000 --dims 256 128
+
+In one process, on the store scripts/bench_service.py fills (Wikipedia-like text items): the
+gallery is loaded once, then for each projection size one knn index is built (the service's
+own Gallery._build_index) and the test images are searched through it
+(Gallery.search_approximate, i.e. app.ann.certified_top_k) for each beam multiplier, against
+the exact top 10 (Gallery.search_exact). Prints recall@10, the share of certified answers,
+the median time per query in-process, and the index's bytes per item.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+import app.ann
+from scripts.bench_service import fill_store
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--bundle", type=Path, default=Path("models/wikipedia"))
+    parser.add_argument("--size", type=int, default=200_000)
+    parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("--dims", type=int, nargs="+", default=[256, 128])
+    parser.add_argument("--candidates", type=int, nargs="+", default=[1024])
+    parser.add_argument("--ef", type=int, nargs="+", default=[2, 3], help="beam / candidates")
+    parser.add_argument("--queries", type=int, default=300)
+    args = parser.parse_args()
+    data_dir = args.data_dir or Path(".bench") / f"data-{args.size}"  # bench_service's
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fill_store(data_dir, args.bundle, args.size)
+
+    from app.bundle import load_bundle
+    from app.engine import Engine
+    from app.store import SqliteStore
+
+    bundle = load_bundle(args.bundle)
+    engine = Engine(bundle, SqliteStore(data_dir), ann_min_items=10**9, snapshot_dir=None)
+    engine.load()
+    gallery = engine.replicas["text"].gallery
+    with np.load(args.bundle / "default_gallery.npz") as default:  # real test images
+        images = np.random.default_rng(1).permutation(default["image"])[: args.queries]
+    queries = engine.embed_queries("image", images, "knn")
+    rows = [queries.row(i) for i in range(len(queries))]
+    exact = [[h.id for h in gallery.search_exact(one, 10, "knn")[0]] for one in rows]
+
+    print("| projection | candidates | beam | recall@10 | certified | p50 ms | index B / item |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for dim in args.dims:
+        base = app.ann.AnnParams(dim=dim)
+        basis = gallery.pool.principal_basis(dim)
+        index = gallery._build_index("knn", base, basis, gallery.dense_codes)
+        per_item = index.size_bytes() / index.index.get_max_elements()
+        for candidates in args.candidates:
+            index.params = app.ann.AnnParams(dim=dim, candidates=candidates)
+            gallery.ann = index
+            for ef in args.ef:
+                app.ann.EF_PER_CANDIDATE = ef
+                seconds, found, certified = [], 0, 0
+                for one, truth in zip(rows, exact, strict=True):
+                    started = time.perf_counter()
+                    hits, paths = gallery.search_approximate(one, 10, "knn")
+                    seconds.append(time.perf_counter() - started)
+                    found += len({h.id for h in hits[0]} & set(truth))
+                    certified += paths[0] == "approximate"
+                print(
+                    f"| {dim} | {candidates} | {ef} L | {found / (10 * len(rows)):.4f} | "
+                    f"{certified / len(rows):.3f} | {1e3 * float(np.median(seconds)):.2f} | "
+                    f"{per_item:.0f} |",
+                    flush=True,
+                )
+        gallery.ann = None
+        del index
+
+
+if __name__ == "__main__":
+    main()
