@@ -15,21 +15,40 @@ import gc
 from collections.abc import Callable
 from functools import cache
 
+# mallopt's parameter numbers (glibc's malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+# Blocks from this size up get their own mapping, which goes back to the OS when freed.
+# glibc starts at 128 KiB but raises the threshold to the size of every larger mapped block
+# freed (up to 32 MiB); a search's temporaries (contenders re-embedded, rows of scores:
+# hundreds of KB to some MB) then come from the heap and stay there, freed but resident:
+# 70 MB more after the cosine searches of scripts/bench_rss_stages.py at 200k items. Setting the
+# thresholds turns that adjustment off.
+MMAP_THRESHOLD = 256 << 10
+TRIM_THRESHOLD = 4 << 20
+
 
 @cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
+def _libc_function(name: str) -> Callable[..., int] | None:
+    """A glibc function, or None where the C library has none (musl, macOS)."""
     try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
         return None
-    trim.argtypes = [ctypes.c_size_t]
-    return trim
 
 
 def release_freed_memory() -> None:
     """Collect garbage, then ask glibc to return free heap pages; a no-op without glibc."""
     gc.collect()
-    trim = _malloc_trim()
+    trim = _libc_function("malloc_trim")
     if trim is not None:
-        trim(0)
+        trim(ctypes.c_size_t(0))
+
+
+def keep_freed_memory_small() -> None:
+    """Fix glibc's mmap and trim thresholds for this process (a service or a shard calls it
+    once at start); a no-op without glibc."""
+    mallopt = _libc_function("mallopt")
+    if mallopt is not None:
+        mallopt(ctypes.c_int(_M_MMAP_THRESHOLD), ctypes.c_int(MMAP_THRESHOLD))
+        mallopt(ctypes.c_int(_M_TRIM_THRESHOLD), ctypes.c_int(TRIM_THRESHOLD))

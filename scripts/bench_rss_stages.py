@@ -66,6 +66,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=200_000)
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--queries", type=int, default=50)
+    parser.add_argument(
+        "--default-malloc", action="store_true", help="leave glibc's thresholds adjusting"
+    )
     parser.add_argument("--trace", action="store_true", help="print numpy's largest live blocks")
     args = parser.parse_args()
     data_dir = args.data_dir or Path(".bench") / f"data-{args.size}"  # bench_service's
@@ -75,7 +78,7 @@ def main() -> None:
     from app.ann import AnnParams
     from app.bundle import load_bundle
     from app.engine import Engine
-    from app.memory import release_freed_memory
+    from app.memory import keep_freed_memory_small, release_freed_memory
     from app.store import SqliteStore
 
     print(
@@ -83,6 +86,8 @@ def main() -> None:
         "| arrays + indexes MB | RSS KB / item |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- |")
+    if not args.default_malloc:
+        keep_freed_memory_small()  # as `cdpae serve` does
     bundle = load_bundle(args.bundle)
     report("bundle loaded", args.size, 0)
     engine = Engine(bundle, SqliteStore(data_dir), ann_min_items=10**9, snapshot_dir=None)

@@ -1,6 +1,7 @@
 """app.memory: freed heap is given back to the operating system."""
 
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -44,3 +45,33 @@ def test_a_large_embedding_run_leaves_no_memory_behind(synthetic_bundle):
     release_freed_memory()
     after = _rss_mb()
     assert after - before < held / 4, (before, after, held)
+
+
+_CHURN = """
+import sys
+import numpy as np
+from app.memory import keep_freed_memory_small
+from scripts.bench_rss_stages import heap
+if sys.argv[1] == "fixed":
+    keep_freed_memory_small()
+np.ones(1 << 20)  # an 8 MB mapping, freed: glibc's default raises its threshold to 8 MB
+blocks = [np.ones(1 << 17) for _ in range(200)]  # 200 x 1 MB, as a search's temporaries
+kept = np.ones(1 << 14)  # 128 KB allocated after them, as longer-lived objects are
+del blocks
+print(heap().fordblks)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_fixed_thresholds_keep_freed_temporaries_out_of_the_heap():
+    free = {
+        mode: int(
+            subprocess.run(
+                [sys.executable, "-c", _CHURN, mode], check=True, capture_output=True, text=True
+            ).stdout
+        )
+        / 2**20
+        for mode in ("default", "fixed")
+    }
+    assert free["default"] > 150, free  # the adjusting threshold keeps them as free heap
+    assert free["fixed"] < 10, free
