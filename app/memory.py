@@ -20,12 +20,15 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 # Blocks from this size up get their own mapping, which goes back to the OS when freed.
 # glibc starts at 128 KiB but raises the threshold to the size of every larger mapped block
-# freed (up to 32 MiB); a search's temporaries (contenders re-embedded, rows of scores:
-# hundreds of KB to some MB) then come from the heap and stay there, freed but resident:
-# 70 MB more after the cosine searches of scripts/bench_rss_stages.py at 200k items. Setting the
-# thresholds turns that adjustment off.
-MMAP_THRESHOLD = 256 << 10
-TRIM_THRESHOLD = 4 << 20
+# freed (up to 32 MiB); a search's temporaries of some MB (contenders re-embedded, rows of
+# scores, batches) then come from the heap and stay there, freed but resident. Fixing the
+# thresholds turns that adjustment off: after all the searches of
+# scripts/bench_rss_stages.py at 200k items RSS was 929 MB with them, 967 MB without (895
+# both once trimmed). Not lower: at 256 KiB the 1.7 MB of Gram rows a knn query gathers
+# were mapped and page-faulted anew each time, doubling its in-process time (1.1 -> 2.3 ms;
+# at 4 MiB 1.0 ms, as with glibc's default).
+MMAP_THRESHOLD = 4 << 20
+TRIM_THRESHOLD = 8 << 20
 
 
 @cache

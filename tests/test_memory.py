@@ -54,8 +54,8 @@ from app.memory import keep_freed_memory_small
 from scripts.bench_rss_stages import heap
 if sys.argv[1] == "fixed":
     keep_freed_memory_small()
-np.ones(1 << 20)  # an 8 MB mapping, freed: glibc's default raises its threshold to 8 MB
-blocks = [np.ones(1 << 17) for _ in range(200)]  # 200 x 1 MB, as a search's temporaries
+np.ones(2 << 20)  # a 16 MB mapping, freed: glibc's default raises its threshold to it
+blocks = [np.ones(1 << 20) for _ in range(20)]  # 20 x 8 MB, as a search's temporaries
 kept = np.ones(1 << 14)  # 128 KB allocated after them, as longer-lived objects are
 del blocks
 print(heap().fordblks)
