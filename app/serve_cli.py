@@ -26,7 +26,6 @@ import uvicorn
 from app.bundle import BundleError, load_bundle
 from app.engine import Engine
 from app.main import create_app
-from app.memory import keep_freed_memory_small
 from app.metrics import RequestIdFilter
 from app.settings import Settings
 
@@ -107,7 +106,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cdpae serve: invalid settings: {exc}", file=sys.stderr)
         return 2
     _configure_logging(settings.log_level)
-    keep_freed_memory_small()
     try:
         bundle = load_bundle(settings.bundle)
     except BundleError as exc:

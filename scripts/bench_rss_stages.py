@@ -4,11 +4,11 @@
 
 In one process, with the service's own engine (no HTTP): the bundle loaded, the store's
 items loaded (first start: embedded), the ANN indexes built, then single and batched
-searches of each similarity and mode, as scripts/bench_service.py runs them. After each
-stage: RSS, the bytes glibc's allocator hands out (in use), what it holds freed (free), its
-mmapped blocks, and what the gallery's arrays and indexes account for. What RSS holds
-beyond the arrays and malloc's in-use bytes is freed memory not given back, or memory
-allocated outside malloc (onnxruntime's arena uses malloc; the growth shows as in use).
+searches of each similarity and mode, as scripts/bench_service.py runs them (timed: the
+median of the single queries, the batch's milliseconds). After each stage: RSS, the bytes
+glibc's allocator hands out (in use), what it holds freed (free), its mmapped blocks, and
+what the gallery's arrays and indexes account for. What RSS holds beyond the arrays and
+malloc's in-use bytes is freed memory not given back, or memory allocated outside malloc.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -48,14 +49,14 @@ def heap() -> MallInfo2:
     return libc.mallinfo2()
 
 
-def report(stage: str, items: int, gallery_bytes: int) -> None:
+def report(stage: str, items: int, gallery_bytes: int, ms: str = "") -> None:
     info = heap()
     mb = 2**20
     rss = rss_bytes(os.getpid())
     print(
         f"| {stage} | {rss / mb:,.0f} | {(info.uordblks + info.hblkhd) / mb:,.0f} | "
         f"{info.hblkhd / mb:,.0f} | {info.fordblks / mb:,.0f} | {gallery_bytes / mb:,.0f} | "
-        f"{rss / max(items, 1) / 1024:.2f} |",
+        f"{rss / max(items, 1) / 1024:.2f} | {ms} |",
         flush=True,
     )
 
@@ -66,9 +67,6 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=200_000)
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--queries", type=int, default=50)
-    parser.add_argument(
-        "--default-malloc", action="store_true", help="leave glibc's thresholds adjusting"
-    )
     parser.add_argument("--trace", action="store_true", help="print numpy's largest live blocks")
     args = parser.parse_args()
     data_dir = args.data_dir or Path(".bench") / f"data-{args.size}"  # bench_service's
@@ -78,16 +76,14 @@ def main() -> None:
     from app.ann import AnnParams
     from app.bundle import load_bundle
     from app.engine import Engine
-    from app.memory import keep_freed_memory_small, release_freed_memory
+    from app.memory import release_freed_memory
     from app.store import SqliteStore
 
     print(
         "| stage | RSS MB | malloc in use MB | of it mmapped | malloc free MB "
-        "| arrays + indexes MB | RSS KB / item |"
+        "| arrays + indexes MB | RSS KB / item | ms (single: median per query) |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    if not args.default_malloc:
-        keep_freed_memory_small()  # as `cdpae serve` does
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     bundle = load_bundle(args.bundle)
     report("bundle loaded", args.size, 0)
     engine = Engine(bundle, SqliteStore(data_dir), ann_min_items=10**9, snapshot_dir=None)
@@ -106,11 +102,19 @@ def main() -> None:
         tracemalloc.start(8)
     for similarity in ("knn", "cosine"):
         for mode in ("approximate", "exact"):
+            seconds = []
             for row in images[: args.queries]:
+                started = time.perf_counter()
                 engine.search("image", row[None, :], 10, similarity, None, mode)
-            report(f"{args.queries} single {similarity} {mode}", len(gallery), gallery.nbytes())
+                seconds.append(time.perf_counter() - started)
+            median = f"{1e3 * float(np.median(seconds)):.2f}"
+            report(
+                f"{args.queries} single {similarity} {mode}", len(gallery), gallery.nbytes(), median
+            )
+            started = time.perf_counter()
             engine.search("image", images, 10, similarity, None, mode)
-            report(f"batch of 256 {similarity} {mode}", len(gallery), gallery.nbytes())
+            batch = f"{1e3 * (time.perf_counter() - started):.0f}"
+            report(f"batch of 256 {similarity} {mode}", len(gallery), gallery.nbytes(), batch)
             if args.trace:
                 for stat in tracemalloc.take_snapshot().statistics("traceback")[:3]:
                     print(f"  {stat.size / 2**20:.0f} MB live, allocated at:")

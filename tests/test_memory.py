@@ -1,7 +1,6 @@
 """app.memory: freed heap is given back to the operating system."""
 
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -45,33 +44,3 @@ def test_a_large_embedding_run_leaves_no_memory_behind(synthetic_bundle):
     release_freed_memory()
     after = _rss_mb()
     assert after - before < held / 4, (before, after, held)
-
-
-_CHURN = """
-import sys
-import numpy as np
-from app.memory import keep_freed_memory_small
-from scripts.bench_rss_stages import heap
-if sys.argv[1] == "fixed":
-    keep_freed_memory_small()
-np.ones(2 << 20)  # a 16 MB mapping, freed: glibc's default raises its threshold to it
-blocks = [np.ones(1 << 20) for _ in range(20)]  # 20 x 8 MB, as a search's temporaries
-kept = np.ones(1 << 14)  # 128 KB allocated after them, as longer-lived objects are
-del blocks
-print(heap().fordblks)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-def test_fixed_thresholds_keep_freed_temporaries_out_of_the_heap():
-    free = {
-        mode: int(
-            subprocess.run(
-                [sys.executable, "-c", _CHURN, mode], check=True, capture_output=True, text=True
-            ).stdout
-        )
-        / 2**20
-        for mode in ("default", "fixed")
-    }
-    assert free["default"] > 150, free  # the adjusting threshold keeps them as free heap
-    assert free["fixed"] < 10, free

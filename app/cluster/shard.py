@@ -26,7 +26,6 @@ from pathlib import Path
 from app.ann import AnnParams
 from app.bundle import MANIFEST, Bundle, Modality, load_bundle, sha256_of
 from app.gallery import Hit, QueryBatch, SearchMode, Similarity
-from app.memory import keep_freed_memory_small
 from app.replica import GalleryReplica
 from app.store import StoreUnavailableError
 
@@ -61,7 +60,6 @@ class GalleryShard:
     def __init__(self, config: ShardConfig) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         self.config = config
-        keep_freed_memory_small()  # a shard is a long-lived process of its own
         started = time.perf_counter()
         bundle = load_bundle(config.bundle, for_queries=False)
         key = sha256_of(bundle.path / MANIFEST)
