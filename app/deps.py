@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.datastructures import State
 
 from app.bundle import Modality
 from app.engine import Engine
@@ -74,16 +77,9 @@ def _matches(key: str | None, secret: object) -> bool:
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
-async def require_read(
-    settings: Annotated[Settings, Depends(get_settings)],
-    read: Annotated[Credentials, Depends(read_key)],
-    _write: Annotated[Credentials, Depends(write_key)],
-) -> None:
-    """Searches and gallery reads: open unless CDPAE_READ_API_KEY is set.
-
-    Both schemes read the same Authorization header; `_write` is declared so the OpenAPI
-    document says the write key is accepted here too.
-    """
+def _check_read(settings: Settings, read: Credentials) -> None:
+    """Searches and gallery reads: open unless CDPAE_READ_API_KEY is set; then the read key
+    or the write key."""
     if settings.read_api_key is None:
         return
     key = _presented_key(read)
@@ -95,6 +91,16 @@ async def require_read(
             "authorization",
             _CHALLENGE,
         )
+
+
+async def require_read(
+    settings: Annotated[Settings, Depends(get_settings)],
+    read: Annotated[Credentials, Depends(read_key)],
+    _write: Annotated[Credentials, Depends(write_key)],
+) -> None:
+    """Gallery reads. Both schemes read the same Authorization header; `_write` is declared
+    so the OpenAPI document says the write key is accepted here too."""
+    _check_read(settings, read)
 
 
 async def require_write(
@@ -118,12 +124,12 @@ async def require_write(
     )
 
 
-async def admission(request: Request) -> AsyncIterator[None]:
+@asynccontextmanager
+async def _admitted(state: State) -> AsyncIterator[None]:
     """At most CDPAE_MAX_INFLIGHT searches and writes at once; the rest get 503 + Retry-After.
 
     Runs on the event loop (single-threaded), so a plain counter is safe.
     """
-    state = request.app.state
     if state.inflight >= state.settings.max_inflight:
         raise ApiError(
             503,
@@ -138,9 +144,39 @@ async def admission(request: Request) -> AsyncIterator[None]:
         state.inflight -= 1
 
 
+async def admission(request: Request) -> AsyncIterator[None]:
+    async with _admitted(request.app.state):
+        yield
+
+
+@dataclass(frozen=True)
+class SearchContext:
+    engine: Engine
+    settings: Settings
+
+
+async def search_context(
+    request: Request,
+    read: Annotated[Credentials, Depends(read_key)],
+    _write: Annotated[Credentials, Depends(write_key)],
+) -> AsyncIterator[SearchContext]:
+    """A search's read check, admission and engine in one dependency, in that order.
+
+    The same checks as require_read + admission + get_engine, folded into one because each
+    dependency FastAPI solves costs time on every request: in-process (no network), a search
+    route with the four separate dependencies answered in 0.68 ms, with one like this 0.55,
+    with none 0.37 (healthz: 0.28).
+    """
+    state = request.app.state
+    _check_read(state.settings, read)
+    async with _admitted(state):
+        yield SearchContext(await get_engine(request), state.settings)
+
+
 EngineDep = Annotated[Engine, Depends(get_engine)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ModalityDep = Annotated[Modality, Depends(modality_of)]
+SearchContextDep = Annotated[SearchContext, Depends(search_context)]
 ReadAccess = Depends(require_read)
 WriteAccess = Depends(require_write)
 Admission = Depends(admission)

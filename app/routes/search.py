@@ -8,13 +8,13 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from app.bundle import Modality
-from app.deps import Admission, EngineDep, ReadAccess, SettingsDep
+from app.deps import SearchContextDep
 from app.engine import Engine
 from app.errors import ApiError, error_responses
 from app.schemas import SearchRequest, SearchResponse
 from app.settings import Settings
 
-router = APIRouter(prefix="/search", tags=["search"], dependencies=[ReadAccess, Admission])
+router = APIRouter(prefix="/search", tags=["search"])
 
 
 def _search(
@@ -72,8 +72,8 @@ _RESPONSES = {
     responses=_RESPONSES,
     summary="Rank the text gallery for image feature vectors",
 )
-def search_image_to_text(body: SearchRequest, engine: EngineDep, settings: SettingsDep) -> Response:
-    return _search(engine, settings, "image", body)
+def search_image_to_text(body: SearchRequest, context: SearchContextDep) -> Response:
+    return _search(context.engine, context.settings, "image", body)
 
 
 @router.post(
@@ -82,5 +82,5 @@ def search_image_to_text(body: SearchRequest, engine: EngineDep, settings: Setti
     responses=_RESPONSES,
     summary="Rank the image gallery for text feature vectors",
 )
-def search_text_to_image(body: SearchRequest, engine: EngineDep, settings: SettingsDep) -> Response:
-    return _search(engine, settings, "text", body)
+def search_text_to_image(body: SearchRequest, context: SearchContextDep) -> Response:
+    return _search(context.engine, context.settings, "text", body)
