@@ -24,6 +24,7 @@ from functools import cached_property
 
 import numpy as np
 import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
 
 # Below this norm a vector is treated as zero instead of being divided by ~0.
 _NORM_FLOOR = 1e-12
@@ -97,7 +98,12 @@ class TrainingPool:
         """u_a . u_b for every pair of pool items, (2N, 2N) float32; None above GRAM_MAX_POOL."""
         if self.size > GRAM_MAX_POOL:
             return None
-        return self.units @ self.units.T
+        # On one BLAS thread whatever the process's setting: OpenBLAS's sgemm rounds some
+        # entries 1 ulp differently with more threads, and every process that serves or
+        # evaluates a bundle (front end, single process, `cdpae evaluate`) must hold the same
+        # matrix, or they rank near-ties differently.
+        with threadpool_limits(limits=1, user_api="blas"):
+            return self.units @ self.units.T
 
     @cached_property
     def pair_constants(self) -> np.ndarray:
@@ -114,7 +120,10 @@ class TrainingPool:
 
     def exact_neighbours(self, query_units: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Brute-force k nearest pool items by Z: (ids, Z), each (n, k), best first."""
-        cos = np.asarray(query_units, dtype=np.float32) @ self.units.T
+        # einsum, not BLAS: OpenBLAS's sgemm rounds a row's dot products differently with the
+        # batch's size (1 ulp, seen on this project's CI machine), so an item embedded alone,
+        # at a load or in a shard would get other weights. einsum sums each pair in one order.
+        cos = np.einsum("qc,pc->qp", np.asarray(query_units, dtype=np.float32), self.units)
         k = min(k, self.size)
         top = np.argpartition(-cos, k - 1, axis=1)[:, :k]
         top_cos = np.take_along_axis(cos, top, axis=1)
@@ -245,8 +254,11 @@ def query_profile(pool: TrainingPool, query: ItemCodes) -> np.ndarray:
         dots = query.dense.astype(np.float32) @ pool.units.T
     else:
         dots = np.empty((len(query), pool.size), dtype=np.float32)
+        # einsum, not BLAS: OpenBLAS's gemv summed the k rows differently with the process's
+        # BLAS thread count (1 ulp in 26k of 3M values on the Wikipedia pool), so a front end,
+        # a single process and `cdpae evaluate` could rank near-ties differently.
         for i in range(len(query)):
-            dots[i] = query.weights[i] @ gram[query.neighbours[i]]
+            dots[i] = np.einsum("a,ab->b", query.weights[i], gram[query.neighbours[i]])
     profile = 0.5 * (1.0 + dots)
     # s_q(a) = w_q(a) (1 - c_obj(a)) lands on b = partner(a); a query's k neighbours are
     # distinct, so are their partners, and a plain fancy-index += is exact.

@@ -1,6 +1,9 @@
 """The retrieval math against simple full-matrix versions written here."""
 
 import itertools
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -132,3 +135,32 @@ def test_query_profile_is_the_same_with_and_without_the_gram_matrix(monkeypatch)
         retrieval.query_profile(without, codes),
         atol=1e-6,
     )
+
+
+_PROFILES = """
+import sys
+import numpy as np
+from app.bundle import load_bundle
+from app.retrieval import query_profile
+bundle = load_bundle(sys.argv[1])
+images = bundle.default_gallery().features["image"].astype(np.float32)
+profile = query_profile(bundle.pool, bundle.codes(bundle.embed("image", images)))
+sys.stdout.buffer.write(profile.tobytes())
+"""
+
+
+def test_query_profiles_are_bitwise_equal_whatever_the_blas_thread_count(wikipedia_bundle):
+    """The front end and a single process (or `cdpae evaluate`) may run with different BLAS
+    thread counts; OpenBLAS's gemv then summed the Gram rows differently (1-ulp apart in 26k
+    of 3M values on the Wikipedia bundle), which flipped near-ties."""
+    profiles = [
+        subprocess.run(
+            [sys.executable, "-c", _PROFILES, str(wikipedia_bundle)],
+            env={**os.environ, "OPENBLAS_NUM_THREADS": threads},
+            check=True,
+            capture_output=True,
+        ).stdout
+        for threads in ("1", "2")
+    ]
+    assert len(profiles[0]) > 0
+    assert profiles[0] == profiles[1]
