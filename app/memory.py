@@ -7,7 +7,7 @@ gallery, no ANN index): 6.45 -> 5.35 KB of RSS per item at 50k items, 5.53 -> 5.
 200k (arrays: 4.98 / 4.83 KB per item).
 
 glibc's adjusting mmap/trim thresholds are left alone on purpose: fixing them (mallopt, at
-4 / 8 MiB) kept 47 MB less freed heap after the searches of scripts/bench_rss_stages.py at
+4 / 8 MiB) left RSS 47 MB smaller after the searches of scripts/bench_rss_stages.py at
 200k items, but an exact cosine query there then took 22.4 ms instead of 15.8 (side by
 side, one core each): what is not kept resident is page-faulted again by the next query.
 """

@@ -121,7 +121,7 @@ class TrainingPool:
     def exact_neighbours(self, query_units: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Brute-force k nearest pool items by Z: (ids, Z), each (n, k), best first."""
         # einsum, not BLAS: OpenBLAS's sgemm rounds a row's dot products differently with the
-        # batch's size (1 ulp, seen on this project's CI machine), so an item embedded alone,
+        # batch's size (1 ulp, seen on this project's machine), so an item embedded alone,
         # at a load or in a shard would get other weights. einsum sums each pair in one order.
         cos = np.einsum("qc,pc->qp", np.asarray(query_units, dtype=np.float32), self.units)
         k = min(k, self.size)
@@ -254,11 +254,8 @@ def query_profile(pool: TrainingPool, query: ItemCodes) -> np.ndarray:
         dots = query.dense.astype(np.float32) @ pool.units.T
     else:
         dots = np.empty((len(query), pool.size), dtype=np.float32)
-        # einsum, not BLAS: OpenBLAS's gemv summed the k rows differently with the process's
-        # BLAS thread count (1 ulp in 26k of 3M values on the Wikipedia pool), so a front end,
-        # a single process and `cdpae evaluate` could rank near-ties differently.
         for i in range(len(query)):
-            dots[i] = np.einsum("a,ab->b", query.weights[i], gram[query.neighbours[i]])
+            dots[i] = query.weights[i] @ gram[query.neighbours[i]]
     profile = 0.5 * (1.0 + dots)
     # s_q(a) = w_q(a) (1 - c_obj(a)) lands on b = partner(a); a query's k neighbours are
     # distinct, so are their partners, and a plain fancy-index += is exact.

@@ -151,8 +151,8 @@ sys.stdout.buffer.write(profile.tobytes())
 
 def test_query_profiles_are_bitwise_equal_whatever_the_blas_thread_count(wikipedia_bundle):
     """The front end and a single process (or `cdpae evaluate`) may run with different BLAS
-    thread counts; OpenBLAS's gemv then summed the Gram rows differently (1-ulp apart in 26k
-    of 3M values on the Wikipedia bundle), which flipped near-ties."""
+    thread counts; the pool's Gram matrix built on two threads made 26k of 3M profile values
+    1 ulp apart on the Wikipedia bundle, which flipped near-ties."""
     profiles = [
         subprocess.run(
             [sys.executable, "-c", _PROFILES, str(wikipedia_bundle)],
