@@ -1,8 +1,9 @@
 """One modality's gallery in memory: rows, slot reuse, the metadata index, its lock.
 
 A gallery item is kept as its kNN code over the training pool (k neighbours and weights;
-app.retrieval's "pool profile" form), its unit embedding (for cosine) and, for large
-galleries, its dense m_g in an HNSW index (app.ann). The math is app.retrieval's; this
+app.retrieval's "pool profile" form), its cosine embedding in compact form (app.projection)
+and, for large galleries, its dense m_g in an HNSW index (app.ann) and its cluster in the
+cosine inverted file (app.clusters). The math is app.retrieval's; this
 module owns the arrays, their growth, and an exact partial top-k over them that the single
 process and each shard of a cluster call alike (so a shard is a Gallery holding a slice).
 
@@ -27,6 +28,7 @@ from typing import Literal
 import numpy as np
 
 from app.ann import AnnIndex, AnnParams, certified_top_k, sparse_term_bound
+from app.clusters import ClusterIndex, kmeans_sample
 from app.projection import ROUNDING_SLACK, Projection, contenders
 from app.retrieval import (
     ItemCodes,
@@ -176,7 +178,7 @@ class Gallery:
         self.by_value: dict[str, dict[str, set[int]]] = {}
         self.max_weight = 0.0  # largest w_g(b) ever stored: bounds the sparse term (app.ann)
         self.ann: AnnIndex | None = None  # knn: over the m_g
-        self.cosine_ann: AnnIndex | None = None  # cosine: over the unit embeddings
+        self.cosine_clusters: ClusterIndex | None = None  # cosine: over `projected`
         # While indexes are built in the background: the rows changed since the build began.
         self._changed_during_build: set[int] | None = None
 
@@ -189,7 +191,9 @@ class Gallery:
 
     def nbytes(self) -> int:
         arrays = sum(getattr(self, name).nbytes for name in ARRAYS)
-        indexes = sum(i.size_bytes() for i in (self.ann, self.cosine_ann) if i is not None)
+        indexes = 0 if self.ann is None else self.ann.size_bytes()
+        if self.cosine_clusters is not None:
+            indexes += self.cosine_clusters.nbytes()
         return arrays + indexes
 
     # --- changes (under the write lock) ------------------------------------------------------
@@ -267,8 +271,8 @@ class Gallery:
             self.max_weight = max(self.max_weight, float(derived.weights.max()))
         if self.ann is not None:
             self.ann.put(rows, self.dense_codes(rows))
-        if self.cosine_ann is not None:
-            self.cosine_ann.put_projected(rows, projected, residual)
+        if self.cosine_clusters is not None:
+            self.cosine_clusters.add(rows, projected, residual)
         if self._changed_during_build is not None:
             self._changed_during_build.update(rows.tolist())
 
@@ -281,20 +285,51 @@ class Gallery:
         self.ids[row] = None
         self.metadata[row] = None
         self.free.append(row)
-        for index in (self.ann, self.cosine_ann):
-            if index is not None:
-                index.remove(row)
+        if self.ann is not None:
+            self.ann.remove(row)
+        if self.cosine_clusters is not None:
+            self.cosine_clusters.remove(row)
         if self._changed_during_build is not None:
             self._changed_during_build.add(row)
         return True
 
     def build_ann(self, params: AnnParams) -> None:
-        """Index every live row's m_g (knn) and unit embedding (cosine), under the write lock
-        the caller holds; logs progress (minutes at 1M items)."""
-        self.ann = self._build_index(
-            "knn", params, self.pool.principal_basis(params.dim), self.dense_codes
+        """Index every live row's m_g (knn) and cluster its projection (cosine), under the
+        write lock the caller holds; logs progress (minutes at 1M items)."""
+        self.ann = self._build_knn_index(params)
+        self.build_cosine_clusters(params)
+
+    def build_cosine_clusters(self, params: AnnParams) -> None:
+        """The cosine clusters of every live row (seconds at 1M items), under the write lock
+        the caller holds."""
+        clusters = self._fit_clusters(params)
+        live = np.flatnonzero(self.alive[: self.n_rows])
+        for start in range(0, len(live), 65536):
+            rows = live[start : start + 65536]
+            clusters.add(rows, self.projected[rows], self.residual[rows])
+        clusters.sort_members()
+        self.cosine_clusters = clusters
+
+    def _fit_clusters(self, params: AnnParams) -> ClusterIndex:
+        """The cosine clusters' centroids, fitted on a sample of the live rows (copied under
+        the lock the caller holds: read or write); no rows added yet."""
+        started = time.perf_counter()
+        sample, n_clusters = kmeans_sample(np.flatnonzero(self.alive[: self.n_rows]))
+        fitted = ClusterIndex.fit(
+            self.projection,
+            self.projected[sample],
+            n_clusters,
+            max(self.capacity, 16),
+            params.cosine_probes,
         )
-        self.cosine_ann = self._build_index("cosine", params, self.projection.basis, None)
+        log.info(
+            "%s gallery: %d cosine clusters fitted on %d items in %.1f s",
+            self.modality,
+            len(fitted.centroids),
+            len(sample),
+            time.perf_counter() - started,
+        )
+        return fitted
 
     def build_ann_in_background(
         self, params: AnnParams, on_built: Callable[[], None] | None = None
@@ -309,7 +344,8 @@ class Gallery:
                 self._changed_during_build = set()
             capacity = max(self.capacity, 16)
         knn = AnnIndex(self.pool.dim, capacity, params, self.pool.principal_basis(params.dim))
-        cosine = AnnIndex(self.pool.dim, capacity, params, self.projection.basis)
+        with self.lock.read():  # k-means runs on a copy of a sample of the projections
+            cosine = self._fit_clusters(params)
         threads = max(1, min(4, os.cpu_count() or 1))
         start = 0
         while True:
@@ -322,19 +358,20 @@ class Gallery:
             if start >= end:
                 break
             knn.put(rows, dense, num_threads=threads)
-            cosine.put_projected(rows, projected, residual, num_threads=threads)
+            cosine.add(rows, projected, residual)
             start = end
         with self.lock.write():
             changed = np.array(sorted(self._changed_during_build or ()), dtype=np.int64)
             self._changed_during_build = None
             alive = changed[self.alive[changed]] if len(changed) else changed
-            for index in (knn, cosine):
-                for row in changed[~self.alive[changed]].tolist() if len(changed) else []:
-                    index.remove(row)
+            for row in changed[~self.alive[changed]].tolist() if len(changed) else []:
+                knn.remove(row)
+                cosine.remove(row)
             if len(alive):
                 knn.put(alive, self.dense_codes(alive))
-                cosine.put_projected(alive, self.projected[alive], self.residual[alive])
-            self.ann, self.cosine_ann = knn, cosine
+                cosine.add(alive, self.projected[alive], self.residual[alive])
+            cosine.sort_members()
+            self.ann, self.cosine_clusters = knn, cosine
         log.info(
             "%s gallery: ANN indexes of %d items built in the background in %.1f s "
             "(%d rows changed meanwhile)",
@@ -368,35 +405,25 @@ class Gallery:
     def building_ann(self) -> bool:
         return self._changed_during_build is not None
 
-    def _build_index(
-        self,
-        similarity: Similarity,
-        params: AnnParams,
-        basis: np.ndarray | None,
-        dense: Callable[[np.ndarray], np.ndarray] | None,
-    ) -> AnnIndex:
-        """dense(rows) gives the vectors to index (knn's m_g); None: the rows' projections."""
+    def _build_knn_index(self, params: AnnParams) -> AnnIndex:
+        """The HNSW index of every live row's m_g, logging its progress."""
         started = time.perf_counter()
+        basis = self.pool.principal_basis(params.dim)
         index = AnnIndex(self.pool.dim, max(self.capacity, 16), params, basis)
         live = np.flatnonzero(self.alive[: self.n_rows])
         threads = max(1, min(4, os.cpu_count() or 1))
         for start in range(0, len(live), 16384):
             rows = live[start : start + 16384]
-            if dense is None:
-                index.put_projected(rows, self.projected[rows], self.residual[rows], threads)
-            else:
-                index.put(rows, dense(rows), num_threads=threads)
+            index.put(rows, self.dense_codes(rows), num_threads=threads)
             log.info(
-                "%s gallery: %s ANN index %d / %d items",
+                "%s gallery: knn ANN index %d / %d items",
                 self.modality,
-                similarity,
                 start + len(rows),
                 len(live),
             )
         log.info(
-            "%s gallery: %s ANN index of %d items built in %.1f s",
+            "%s gallery: knn ANN index of %d items built in %.1f s",
             self.modality,
-            similarity,
             len(live),
             time.perf_counter() - started,
         )
@@ -504,7 +531,7 @@ class Gallery:
         """The top k of each query through the ANN index of `similarity`
         (app.ann.certified_top_k), and the path each answer took: approximate (certified),
         uncertified, or exact (the index could not fill its candidate list)."""
-        index = self.ann if similarity == "knn" else self.cosine_ann
+        index = self.ann if similarity == "knn" else self.cosine_clusters
         assert index is not None, f"no {similarity} ANN index: build_ann first"
         k = min(k, len(self))
         if k <= 0:

@@ -2,8 +2,9 @@
 
 Why: loading from the store pays per item (SQL rows, derived-data blobs, JSON, Python) and the
 ANN indexes of a large gallery are rebuilt afterwards (minutes at 1M items). A snapshot is
-the gallery's arrays as .npy files, its ids, metadata and filter index as JSON, and its
-hnswlib indexes as hnswlib saves them: read back at disk speed.
+the gallery's arrays as .npy files, its ids, metadata and filter index as JSON, its knn
+hnswlib index as hnswlib saves it and its cosine clusters (app.clusters) as .npy files: read
+back at disk speed.
 
 A snapshot is a cache, never the truth. It records where in the store's change log it was
 taken (`seq`), which store (the store's random `store_id` and the signature of the change at
@@ -34,7 +35,11 @@ from pathlib import Path
 import numpy as np
 
 from app.ann import AnnIndex, AnnParams
+from app.clusters import ClusterIndex
 from app.gallery import ARRAYS, Gallery
+
+# The cosine clusters' arrays (ClusterIndex.state), saved as cosine-<name>.npy.
+CLUSTER_ARRAYS = ("centroids", "radius", "max_residual", "cluster_of")
 
 # 2: cosine items as projection + residual + raw features (app.projection), not unit embeddings
 FORMAT = 2
@@ -190,22 +195,18 @@ def _write_generation(
     }
     put("rows.json", lambda f: f.write(json.dumps(rows_json).encode("utf-8")))
     ann = None
-    if ann_params is not None and gallery.ann is not None and gallery.cosine_ann is not None:
-        for similarity, index in (("knn", gallery.ann), ("cosine", gallery.cosine_ann)):
-            path = generation / f"{similarity}.hnsw"
-            index.save(path)
-            _fsync(path)
-            files[path.name] = path.stat().st_size
+    if ann_params is not None and gallery.ann is not None and gallery.cosine_clusters is not None:
+        path = generation / "knn.hnsw"
+        gallery.ann.save(path)
+        _fsync(path)
+        files[path.name] = path.stat().st_size
+        for name, values in gallery.cosine_clusters.state(n).items():
+            put(f"cosine-{name}.npy", lambda f, v=values: np.save(f, v, allow_pickle=False))
         ann = {
             "params": asdict(ann_params),
-            "max_residual": {
-                "knn": gallery.ann.max_residual,
-                "cosine": gallery.cosine_ann.max_residual,
-            },
-            "deleted": {
-                "knn": sorted(gallery.ann.deleted),
-                "cosine": sorted(gallery.cosine_ann.deleted),
-            },
+            "max_residual": {"knn": gallery.ann.max_residual},
+            "deleted": {"knn": sorted(gallery.ann.deleted)},
+            "cosine_clusters": True,
         }
     return {
         "format": FORMAT,
@@ -287,24 +288,27 @@ def load(
         ann_params.dim,
     ):
         return False
-    # Both bases are functions of the bundle's pool (the knn one of the index dim, checked
-    # above), so nothing of them needs saving. The cosine index is over the gallery's own
-    # projections (app.projection).
-    bases = {
-        "knn": gallery.pool.principal_basis(ann_params.dim),
-        "cosine": gallery.projection.basis,
-    }
-    indexes = [
-        AnnIndex.restore(
-            generation / f"{similarity}.hnsw",
-            gallery.pool.dim,
-            gallery.capacity,
-            ann_params,
-            bases[similarity],
-            float(ann["max_residual"][similarity]),
-            ann["deleted"][similarity],
+    # The knn basis is a function of the bundle's pool and the index dim (checked above), so
+    # nothing of it needs saving.
+    gallery.ann = AnnIndex.restore(
+        generation / "knn.hnsw",
+        gallery.pool.dim,
+        gallery.capacity,
+        ann_params,
+        gallery.pool.principal_basis(ann_params.dim),
+        float(ann["max_residual"]["knn"]),
+        ann["deleted"]["knn"],
+    )
+    if ann.get("cosine_clusters"):
+        saved_state = {name: np.load(generation / f"cosine-{name}.npy") for name in CLUSTER_ARRAYS}
+        if len(saved_state["cluster_of"]) != n:
+            raise SnapshotMismatch(f"cosine clusters cover {len(saved_state['cluster_of'])} rows")
+        gallery.cosine_clusters = ClusterIndex.restore(
+            gallery.projection,
+            capacity=gallery.capacity,
+            probes=ann_params.cosine_probes,
+            **saved_state,
         )
-        for similarity in ("knn", "cosine")
-    ]
-    gallery.ann, gallery.cosine_ann = indexes
+    else:  # a snapshot from before the cosine clusters (an HNSW index then): fit them now
+        gallery.build_cosine_clusters(ann_params)
     return True

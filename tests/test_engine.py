@@ -63,8 +63,7 @@ def _random_text_items(n: int, rng: np.random.Generator, prefix: str = "t"):
 @pytest.mark.parametrize("similarity", ["knn", "cosine"])
 @pytest.mark.parametrize("projection", [0, 6])
 def test_approximate_path_matches_exact(engine, projection, similarity):
-    # projection 6: the ANN index holds m_g (knn) or u_g (cosine) projected on 6 of the 12
-    # pool directions
+    # projection 6: the knn ANN index holds m_g projected on 6 of the 12 pool directions
     engine.ann_params = AnnParams(dim=projection)
     rng = np.random.default_rng(1)
     engine.upsert("text", *_random_text_items(3000, rng))
@@ -74,7 +73,7 @@ def test_approximate_path_matches_exact(engine, projection, similarity):
     exact = engine.search("image", queries, 10, similarity, mode="exact")
     approximate = engine.search("image", queries, 10, similarity, mode="approximate")
     gallery = engine.replicas["text"].gallery
-    assert gallery.ann is not None and gallery.cosine_ann is not None
+    assert gallery.ann is not None and gallery.cosine_clusters is not None
     assert engine.search_paths.get("approximate", 0) + engine.search_paths.get("uncertified", 0)
     recall = np.mean(
         [

@@ -4,6 +4,7 @@ belong to the store, the bundle or the format, or is damaged, is not used."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import sqlite3
@@ -211,6 +212,33 @@ def test_indexes_saved_with_other_hnsw_parameters_are_rebuilt(bundle, tmp_path):
     while not replica.snapshot.has_ann and time.monotonic() < deadline:
         time.sleep(0.05)
     assert replica.snapshot.has_ann
+
+
+def test_a_snapshot_from_before_the_cosine_clusters_is_used_and_clustered(bundle, tmp_path):
+    """Snapshots written before cosine's inverted file (app.clusters) hold the arrays and
+    the knn index but no clusters: they are still read, and the clusters fitted on load."""
+    snapshots = tmp_path / "snapshots"
+    rng = np.random.default_rng(4)
+    store = SqliteStore(tmp_path / "db")
+    engine = _engine(bundle, store, snapshots)
+    engine.upsert("text", *_items(1500, rng, "o"))
+    engine.close()
+    pointer = snapshots / "text.json"
+    manifest = json.loads(pointer.read_text())
+    generation = snapshots / manifest["generation"]
+    del manifest["ann"]["cosine_clusters"]
+    for name in [name for name in manifest["files"] if name.startswith("cosine-")]:
+        del manifest["files"][name]
+        (generation / name).unlink()
+    pointer.write_text(json.dumps(manifest))
+
+    again = _engine(bundle, store, snapshots)
+    replica = again.replicas["text"]
+    assert replica.loaded_from == "snapshot"
+    assert replica.gallery.cosine_clusters is not None and not replica.gallery.building_ann
+    from_store = _engine(bundle, SqliteStore(tmp_path / "db"), None)
+    _wait_for_indexes(from_store)
+    assert _answers(again) == _answers(from_store)
 
 
 def test_a_restarted_shard_reads_its_snapshot_and_catches_up(
