@@ -7,8 +7,12 @@ convex mixes of pool vectors, so they live near that subspace: at r = 128 the re
 item g:
 - the projection error: |m_q.m_g - Pm_q.Pm_g| <= |r_q| * r_max, with r_x = m_x - P m_x
   and r_max the largest residual norm of any gallery item;
-- the sparse term: s_q.t_g = sum_a s_q(a) w_g(partner(a)) <= min(max_a s_q(a),
-  sum_a s_q(a) * w_max), w_max the largest weight of any gallery item (w_g sums to 1).
+- the sparse term: s_q.t_g = sum_a s_q(a) w_g(partner(a)), where w_g sums to 1 and
+  w_g(b) <= W(b), the largest weight any gallery item gives pool item b. The most that sum
+  can be is a fractional knapsack: fill the largest s_q(a) first, each up to its cap
+  W(partner(a)), until the weights reach 1 (`sparse_term_bound`). On 200k Wikipedia-like
+  items it is 0.0021 at the median query against 0.0032 for the earlier min(max_a s_q(a),
+  sum_a s_q(a) * max_b W(b)) (docs/service.md).
 So after rescoring the index's L candidates exactly, an item the index did not return has
     S <= 1/2 + 1/2 (d_L + |r_q| r_max) + sparse bound,  d_L = the smallest Pm_q.Pm_g among
 the candidates (if the index's own ranking is right). When that is below the k-th exact
@@ -33,7 +37,7 @@ from typing import Literal, Protocol
 import hnswlib
 import numpy as np
 
-from app.retrieval import top_k_by_id
+from app.retrieval import TrainingPool, top_k_by_id
 
 # The first candidate list is at least gallery size / this (4,000 at 1M): recall@10 on 1M
 # Wikipedia-like items needs it (docs/service.md).
@@ -200,14 +204,24 @@ class AnnIndex:
 
 
 def sparse_term_bound(
+    pool: TrainingPool,
     query_neighbours: np.ndarray,
     query_weights: np.ndarray,
-    pair_correction: np.ndarray,
-    max_weight: float,
+    weight_caps: np.ndarray,
 ) -> float:
-    """An upper bound of s_q.t_g over every gallery item g (module docstring)."""
-    sparse = query_weights * pair_correction[query_neighbours]
-    return min(float(sparse.max()), float(sparse.sum()) * max_weight)
+    """An upper bound of s_q.t_g over every gallery item g (module docstring), given
+    `weight_caps[b]` = W(b), the largest w_g(b) of any gallery item.
+
+    s_q(a) = w_q(a) (1 - c_obj(a)) meets w_g at b = partner(a). Greedy is optimal for a
+    fractional knapsack: the largest s_q(a) take all the weight their caps allow until the
+    weights sum to 1.
+    """
+    sparse = query_weights.astype(np.float64) * pool.pair_correction[query_neighbours]
+    order = np.argsort(-sparse, kind="stable")
+    caps = weight_caps[pool.partner(query_neighbours[order])].astype(np.float64)
+    # Weight given to each s_q(a), largest first: its cap, or what is left of the 1.
+    given = np.minimum(caps, np.clip(1.0 - (np.cumsum(caps) - caps), 0.0, None))
+    return float(given @ sparse[order])
 
 
 @dataclass(frozen=True)

@@ -176,7 +176,10 @@ class Gallery:
         self.free: list[int] = []
         # metadata key -> canonical value -> rows: the exact-match filter
         self.by_value: dict[str, dict[str, set[int]]] = {}
-        self.max_weight = 0.0  # largest w_g(b) ever stored: bounds the sparse term (app.ann)
+        # W(b): the largest w_g(b) ever stored for each pool item b, which bounds the sparse
+        # term of the knn certificate (app.ann.sparse_term_bound). Never lowered by a
+        # removal: a larger cap is still a bound.
+        self.weight_caps = np.zeros(pool.size, dtype=np.float32)
         self.ann: AnnIndex | None = None  # knn: over the m_g
         self.cosine_clusters: ClusterIndex | None = None  # cosine: over `projected`
         # While indexes are built in the background: the rows changed since the build began.
@@ -267,14 +270,23 @@ class Gallery:
         self.residual[rows] = residual
         self.features[rows] = features
         self.alive[rows] = True
-        if len(ids):
-            self.max_weight = max(self.max_weight, float(derived.weights.max()))
+        np.maximum.at(self.weight_caps, derived.neighbours.ravel(), derived.weights.ravel())
         if self.ann is not None:
             self.ann.put(rows, self.dense_codes(rows))
         if self.cosine_clusters is not None:
             self.cosine_clusters.add(rows, projected, residual)
         if self._changed_during_build is not None:
             self._changed_during_build.update(rows.tolist())
+
+    def derive_weight_caps(self) -> None:
+        """W(b) of the live rows, for a gallery whose arrays were filled without `put`."""
+        self.weight_caps[:] = 0.0
+        live = np.flatnonzero(self.alive[: self.n_rows])
+        for start in range(0, len(live), 65536):
+            rows = live[start : start + 65536]
+            np.maximum.at(
+                self.weight_caps, self.neighbours[rows].ravel(), self.weights[rows].ravel()
+            )
 
     def remove(self, item_id: str) -> bool:
         row = self.row_of.pop(item_id, None)
@@ -543,10 +555,7 @@ class Gallery:
             if similarity == "knn":
                 assert one.codes is not None
                 sparse = sparse_term_bound(
-                    one.codes.neighbours[0],
-                    one.codes.weights[0],
-                    self.pool.pair_correction,
-                    self.max_weight,
+                    self.pool, one.codes.neighbours[0], one.codes.weights[0], self.weight_caps
                 )
                 query = one.codes.dense[0]
                 bound = partial(_knn_outside_bound, sparse)

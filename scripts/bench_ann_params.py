@@ -4,7 +4,7 @@
 
 In one process, on the store scripts/bench_service.py fills (Wikipedia-like text items): the
 gallery is loaded once, then for each projection size one knn index is built (the service's
-own Gallery._build_index) and the test images are searched through it
+own Gallery._build_knn_index) and the test images are searched through it
 (Gallery.search_approximate, i.e. app.ann.certified_top_k) for each beam multiplier, against
 the exact top 10 (Gallery.search_exact). Prints recall@10, the share of certified answers,
 the median time per query in-process, and the index's bytes per item.
@@ -53,9 +53,7 @@ def main() -> None:
     print("| projection | candidates | beam | recall@10 | certified | p50 ms | index B / item |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for dim in args.dims:
-        base = app.ann.AnnParams(dim=dim)
-        basis = gallery.pool.principal_basis(dim)
-        index = gallery._build_index("knn", base, basis, gallery.dense_codes)
+        index = gallery._build_knn_index(app.ann.AnnParams(dim=dim))
         per_item = index.size_bytes() / index.index.get_max_elements()
         for candidates in args.candidates:
             index.params = app.ann.AnnParams(dim=dim, candidates=candidates)

@@ -172,6 +172,35 @@ def test_pool_profile_form_equals_dense_plus_sparse(k):
     np.testing.assert_allclose(served, literal_code_scores(pool, q, g), atol=1e-6)
 
 
+# k = 1 is left out: every weight is 1, so the knapsack is max_a s_q(a), the global bound.
+@pytest.mark.parametrize("k", [3, 10, 25])
+def test_sparse_term_bound_holds_for_every_item_and_beats_the_global_one(k):
+    from app.ann import sparse_term_bound
+    from app.retrieval import TrainingPool, gallery_weight_matrix, item_codes, unit_rows
+
+    rng = np.random.default_rng(10 + k)
+    img = rng.normal(size=(40, 6))
+    pool = TrainingPool(unit_rows(np.vstack([img, img + 0.3 * rng.normal(size=img.shape)])))
+    q = item_codes(pool, *pool.exact_neighbours(unit_rows(rng.normal(size=(20, 6))), k))
+    g = item_codes(pool, *pool.exact_neighbours(unit_rows(rng.normal(size=(500, 6))), k))
+    caps = np.zeros(pool.size, dtype=np.float32)
+    np.maximum.at(caps, g.neighbours.ravel(), g.weights.ravel())
+    weights = gallery_weight_matrix(pool, g.neighbours, g.weights)
+    tight = 0
+    for i in range(len(q)):
+        # s_q over the pool, placed on each query neighbour's partner: s_q.t_g = W_g s
+        s = np.zeros(pool.size)
+        s[pool.partner(q.neighbours[i])] = q.weights[i] * pool.pair_correction[q.neighbours[i]]
+        sparse_terms = weights @ s
+        bound = sparse_term_bound(pool, q.neighbours[i], q.weights[i], caps)
+        assert sparse_terms.max() <= bound + 1e-12
+        terms = q.weights[i] * pool.pair_correction[q.neighbours[i]]
+        global_bound = min(terms.max(), terms.sum() * caps.max())
+        assert bound <= global_bound + 1e-9
+        tight += bound < global_bound - 1e-9
+    assert tight  # strictly tighter for some queries, or the caps bought nothing
+
+
 def test_indexes_built_in_the_background_miss_no_change_made_meanwhile(engine):
     """Writes and searches go on while the ANN indexes are built without the lock; what
     changed meanwhile is in the installed indexes (and what was deleted is not)."""

@@ -97,6 +97,12 @@ def test_restart_from_a_snapshot_serves_what_a_load_from_the_store_serves(
     assert from_store.replicas["text"].loaded_from == "store"
     assert _answers(restarted) == _answers(from_store)
     assert restarted.count("text") == store.count("text")
+    # The knn certificate's weight caps are not saved but derived again: every live row's
+    # weights must be within them (app.ann.sparse_term_bound).
+    gallery = replica.gallery
+    live = np.flatnonzero(gallery.alive[: gallery.n_rows])
+    assert len(live) and gallery.weight_caps.max() > 0
+    assert (gallery.weights[live] <= gallery.weight_caps[gallery.neighbours[live]]).all()
     gone = {h.id for h in restarted.search("image", np.ones((1, 16), np.float32), 5000)[0]}
     assert not {"t-1", "t-2", "t-3", "t-500"} & gone
     assert {f"late-{i}" for i in range(30)} <= gone
