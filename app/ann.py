@@ -7,17 +7,12 @@ convex mixes of pool vectors, so they live near that subspace: at r = 128 the re
 item g:
 - the projection error: |m_q.m_g - Pm_q.Pm_g| <= |r_q| * r_max, with r_x = m_x - P m_x
   and r_max the largest residual norm of any gallery item;
-- the sparse term: s_q.t_g = sum_a s_q(a) w_g(partner(a)), where w_g sums to 1 and
-  w_g(b) <= W(b), the largest weight any gallery item gives pool item b. The most that sum
-  can be is a fractional knapsack: fill the largest s_q(a) first, each up to its cap
-  W(partner(a)), until the weights reach 1 (`sparse_term_bound`). On 200k Wikipedia-like
-  items it is 0.0021 at the median query against 0.0032 for the earlier min(max_a s_q(a),
-  sum_a s_q(a) * max_b W(b)) (docs/service.md).
+- the sparse term s_q.t_g, by app.knn_certificate (over the gallery, then per cluster).
 So after rescoring the index's L candidates exactly, an item the index did not return has
     S <= 1/2 + 1/2 (d_L + |r_q| r_max) + sparse bound,  d_L = the smallest Pm_q.Pm_g among
 the candidates (if the index's own ranking is right). When that is below the k-th exact
-score the top k is certified; otherwise L doubles, up to a cap. HNSW recall itself is
-measured in scripts/bench_service.py.
+score the top k is certified (app.knn_certificate.KnnCertificate); otherwise L doubles,
+up to a cap. HNSW recall itself is measured in scripts/bench_service.py.
 
 Cosine asks another index through the same loop: app.clusters, an inverted file over the
 gallery's own projections, whose bound on the items it leaves out holds unconditionally.
@@ -37,7 +32,7 @@ from typing import Literal, Protocol
 import hnswlib
 import numpy as np
 
-from app.retrieval import TrainingPool, top_k_by_id
+from app.retrieval import top_k_by_id
 
 # The first candidate list is at least gallery size / this (4,000 at 1M): recall@10 on 1M
 # Wikipedia-like items needs it (docs/service.md).
@@ -203,27 +198,6 @@ class AnnIndex:
         return labels[0].astype(np.int64), dots, float(residual[0]) * self.max_residual
 
 
-def sparse_term_bound(
-    pool: TrainingPool,
-    query_neighbours: np.ndarray,
-    query_weights: np.ndarray,
-    weight_caps: np.ndarray,
-) -> float:
-    """An upper bound of s_q.t_g over every gallery item g (module docstring), given
-    `weight_caps[b]` = W(b), the largest w_g(b) of any gallery item.
-
-    s_q(a) = w_q(a) (1 - c_obj(a)) meets w_g at b = partner(a). Greedy is optimal for a
-    fractional knapsack: the largest s_q(a) take all the weight their caps allow until the
-    weights sum to 1.
-    """
-    sparse = query_weights.astype(np.float64) * pool.pair_correction[query_neighbours]
-    order = np.argsort(-sparse, kind="stable")
-    caps = weight_caps[pool.partner(query_neighbours[order])].astype(np.float64)
-    # Weight given to each s_q(a), largest first: its cap, or what is left of the 1.
-    given = np.minimum(caps, np.clip(1.0 - (np.cumsum(caps) - caps), 0.0, None))
-    return float(given @ sparse[order])
-
-
 @dataclass(frozen=True)
 class CertifiedTopK:
     rows: np.ndarray  # gallery rows, best first
@@ -234,7 +208,7 @@ class CertifiedTopK:
 def certified_top_k(
     index: CandidateSource,
     query: np.ndarray,
-    outside_bound: Callable[[float], float],
+    certifies: Callable[[Candidates, float], bool],
     rescore: Callable[[np.ndarray], np.ndarray],
     ids: Sequence[str | None],
     k: int,
@@ -243,10 +217,11 @@ def certified_top_k(
     """The top k by the index's candidates rescored exactly, the list doubled until certified.
 
     `query` is what the index ranks by (m_q for knn, the unit embedding for cosine);
-    `outside_bound(d)` turns the index's bound d of the dot product of any item it did not
-    return into a bound of that item's score; `rescore(rows)` gives the exact scores of gallery
-    rows; `ids[row]` their ids (ties are broken by id, as on the exact path). None when the
-    index can't fill its candidate list (many deleted rows): the caller then scores exactly.
+    `certifies(found, t)` says whether every live item the index did not return in `found`
+    scores below t (from `found.outside_dot` and whatever else it knows); `rescore(rows)`
+    gives the exact scores of gallery rows; `ids[row]` their ids (ties are broken by id, as
+    on the exact path). None when the index can't fill its candidate list (many deleted
+    rows): the caller then scores exactly.
     """
     size, largest = index.search_sizes(n_live, k)
     while True:
@@ -258,7 +233,7 @@ def certified_top_k(
         exact = rescore(rows)
         order = _top_k_of_rows(exact, rows, ids, k)
         threshold = exact[order[-1]]
-        certified = outside_bound(found.outside_dot) < threshold
+        certified = certifies(found, float(threshold))
         if certified or size >= n_live or size >= largest:
             path: Literal["approximate", "uncertified"] = (
                 "approximate" if certified or size >= n_live else "uncertified"

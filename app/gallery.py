@@ -27,8 +27,9 @@ from typing import Literal
 
 import numpy as np
 
-from app.ann import AnnIndex, AnnParams, certified_top_k, sparse_term_bound
+from app.ann import AnnIndex, AnnParams, Candidates, certified_top_k
 from app.clusters import ClusterIndex, kmeans_sample
+from app.knn_certificate import ClusterWeightCaps, KnnCertificate
 from app.projection import ROUNDING_SLACK, Projection, contenders
 from app.retrieval import (
     ItemCodes,
@@ -129,13 +130,9 @@ class QueryBatch:
         return QueryBatch(self.units[pick], codes, profile)
 
 
-def _knn_outside_bound(sparse_bound: float, dot_bound: float) -> float:
-    """S = 1/2 + 1/2 m_q.m_g + s_q.t_g of an item whose m_q.m_g is at most dot_bound."""
-    return 0.5 + 0.5 * dot_bound + sparse_bound
-
-
-def _cosine_outside_bound(dot_bound: float) -> float:
-    return dot_bound
+def _cosine_certifies(found: Candidates, threshold: float) -> bool:
+    """The cosine index bounds the score (the cosine) of what it left out itself."""
+    return found.outside_dot < threshold
 
 
 class Gallery:
@@ -177,9 +174,10 @@ class Gallery:
         # metadata key -> canonical value -> rows: the exact-match filter
         self.by_value: dict[str, dict[str, set[int]]] = {}
         # W(b): the largest w_g(b) ever stored for each pool item b, which bounds the sparse
-        # term of the knn certificate (app.ann.sparse_term_bound). Never lowered by a
-        # removal: a larger cap is still a bound.
+        # term of the knn certificate (app.knn_certificate). Never lowered by a removal: a
+        # larger cap is still a bound. Per cosine cluster as well, once there are clusters.
         self.weight_caps = np.zeros(pool.size, dtype=np.float32)
+        self.cluster_caps: ClusterWeightCaps | None = None
         self.ann: AnnIndex | None = None  # knn: over the m_g
         self.cosine_clusters: ClusterIndex | None = None  # cosine: over `projected`
         # While indexes are built in the background: the rows changed since the build began.
@@ -197,6 +195,8 @@ class Gallery:
         indexes = 0 if self.ann is None else self.ann.size_bytes()
         if self.cosine_clusters is not None:
             indexes += self.cosine_clusters.nbytes()
+        if self.cluster_caps is not None:
+            indexes += self.cluster_caps.nbytes()
         return arrays + indexes
 
     # --- changes (under the write lock) ------------------------------------------------------
@@ -275,6 +275,8 @@ class Gallery:
             self.ann.put(rows, self.dense_codes(rows))
         if self.cosine_clusters is not None:
             self.cosine_clusters.add(rows, projected, residual)
+        if self.cluster_caps is not None:
+            self.cluster_caps.add(rows, derived.neighbours, derived.weights)
         if self._changed_during_build is not None:
             self._changed_during_build.update(rows.tolist())
 
@@ -287,6 +289,16 @@ class Gallery:
             np.maximum.at(
                 self.weight_caps, self.neighbours[rows].ravel(), self.weights[rows].ravel()
             )
+
+    def install_cosine_clusters(self, clusters: ClusterIndex) -> None:
+        """Clusters holding every live row (built or read from a snapshot), with the knn
+        certificate's per-cluster weight caps derived from them (~1 s at 200k items)."""
+        caps = ClusterWeightCaps(clusters, self.pool.size)
+        live = np.flatnonzero(self.alive[: self.n_rows])
+        for start in range(0, len(live), 65536):
+            rows = live[start : start + 65536]
+            caps.add(rows, self.neighbours[rows], self.weights[rows])
+        self.cosine_clusters, self.cluster_caps = clusters, caps
 
     def remove(self, item_id: str) -> bool:
         row = self.row_of.pop(item_id, None)
@@ -320,7 +332,7 @@ class Gallery:
             rows = live[start : start + 65536]
             clusters.add(rows, self.projected[rows], self.residual[rows])
         clusters.sort_members()
-        self.cosine_clusters = clusters
+        self.install_cosine_clusters(clusters)
 
     def _fit_clusters(self, params: AnnParams) -> ClusterIndex:
         """The cosine clusters' centroids, fitted on a sample of the live rows (copied under
@@ -358,6 +370,7 @@ class Gallery:
         knn = AnnIndex(self.pool.dim, capacity, params, self.pool.principal_basis(params.dim))
         with self.lock.read():  # k-means runs on a copy of a sample of the projections
             cosine = self._fit_clusters(params)
+        caps = ClusterWeightCaps(cosine, self.pool.size)
         threads = max(1, min(4, os.cpu_count() or 1))
         start = 0
         while True:
@@ -367,10 +380,13 @@ class Gallery:
                 dense = self.dense_codes(rows)
                 projected = self.projected[rows].copy()
                 residual = self.residual[rows].copy()
+                neighbours = self.neighbours[rows].copy()
+                weights = self.weights[rows].copy()
             if start >= end:
                 break
             knn.put(rows, dense, num_threads=threads)
             cosine.add(rows, projected, residual)
+            caps.add(rows, neighbours, weights)
             start = end
         with self.lock.write():
             changed = np.array(sorted(self._changed_during_build or ()), dtype=np.int64)
@@ -382,8 +398,9 @@ class Gallery:
             if len(alive):
                 knn.put(alive, self.dense_codes(alive))
                 cosine.add(alive, self.projected[alive], self.residual[alive])
+                caps.add(alive, self.neighbours[alive], self.weights[alive])
             cosine.sort_members()
-            self.ann, self.cosine_clusters = knn, cosine
+            self.ann, self.cosine_clusters, self.cluster_caps = knn, cosine, caps
         log.info(
             "%s gallery: ANN indexes of %d items built in the background in %.1f s "
             "(%d rows changed meanwhile)",
@@ -554,17 +571,20 @@ class Gallery:
             one = queries.row(i)
             if similarity == "knn":
                 assert one.codes is not None
-                sparse = sparse_term_bound(
-                    self.pool, one.codes.neighbours[0], one.codes.weights[0], self.weight_caps
-                )
                 query = one.codes.dense[0]
-                bound = partial(_knn_outside_bound, sparse)
+                certifies: Callable[[Candidates, float], bool] = KnnCertificate(
+                    self.pool,
+                    one.codes.neighbours[0],
+                    one.codes.weights[0],
+                    self.weight_caps,
+                    self.cluster_caps,
+                )
             else:
-                query, bound = one.units[0], _cosine_outside_bound
+                query, certifies = one.units[0], _cosine_certifies
             found = certified_top_k(
                 index,
                 query,
-                bound,
+                certifies,
                 partial(self._rescore, one, similarity, k),
                 self.ids,
                 k,

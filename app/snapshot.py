@@ -302,11 +302,13 @@ def load(
         saved_state = {name: np.load(generation / f"cosine-{name}.npy") for name in CLUSTER_ARRAYS}
         if len(saved_state["cluster_of"]) != n:
             raise SnapshotMismatch(f"cosine clusters cover {len(saved_state['cluster_of'])} rows")
-        gallery.cosine_clusters = ClusterIndex.restore(
-            gallery.projection,
-            capacity=gallery.capacity,
-            probes=ann_params.cosine_probes,
-            **saved_state,
+        gallery.install_cosine_clusters(
+            ClusterIndex.restore(
+                gallery.projection,
+                capacity=gallery.capacity,
+                probes=ann_params.cosine_probes,
+                **saved_state,
+            )
         )
     else:  # a snapshot from before the cosine clusters (an HNSW index then): fit them now
         gallery.build_cosine_clusters(ann_params)

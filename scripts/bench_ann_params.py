@@ -6,13 +6,16 @@ In one process, on the store scripts/bench_service.py fills (Wikipedia-like text
 gallery is loaded once, then for each projection size one knn index is built (the service's
 own Gallery._build_knn_index) and the test images are searched through it
 (Gallery.search_approximate, i.e. app.ann.certified_top_k) for each beam multiplier, against
-the exact top 10 (Gallery.search_exact). Prints recall@10, the share of certified answers,
-the median time per query in-process, and the index's bytes per item.
+the exact top 10 (Gallery.search_exact), once with the sparse term bounded gallery-wide
+only and once with the per-cluster weight caps too (app.knn_certificate; the cosine clusters
+are built once for them), side by side on the same index. Prints recall@10, the share of
+certified answers, the median time per query in-process, and the index's bytes per item.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 from pathlib import Path
 
@@ -49,17 +52,23 @@ def main() -> None:
     queries = engine.embed_queries("image", images, "knn")
     rows = [queries.row(i) for i in range(len(queries))]
     exact = [[h.id for h in gallery.search_exact(one, 10, "knn")[0]] for one in rows]
+    gallery.build_cosine_clusters(app.ann.AnnParams())
+    cluster_caps = gallery.cluster_caps
 
-    print("| projection | candidates | beam | recall@10 | certified | p50 ms | index B / item |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        "| projection | candidates | beam | sparse bound | recall@10 | certified | p50 ms "
+        "| index B / item |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for dim in args.dims:
         index = gallery._build_knn_index(app.ann.AnnParams(dim=dim))
         per_item = index.size_bytes() / index.index.get_max_elements()
         for candidates in args.candidates:
             index.params = app.ann.AnnParams(dim=dim, candidates=candidates)
             gallery.ann = index
-            for ef in args.ef:
+            for ef, caps in itertools.product(args.ef, (None, cluster_caps)):
                 app.ann.EF_PER_CANDIDATE = ef
+                gallery.cluster_caps = caps
                 seconds, found, certified = [], 0, 0
                 for one, truth in zip(rows, exact, strict=True):
                     started = time.perf_counter()
@@ -67,10 +76,11 @@ def main() -> None:
                     seconds.append(time.perf_counter() - started)
                     found += len({h.id for h in hits[0]} & set(truth))
                     certified += paths[0] == "approximate"
+                bound = "gallery-wide" if caps is None else "per cluster"
                 print(
-                    f"| {dim} | {candidates} | {ef} L | {found / (10 * len(rows)):.4f} | "
-                    f"{certified / len(rows):.3f} | {1e3 * float(np.median(seconds)):.2f} | "
-                    f"{per_item:.0f} |",
+                    f"| {dim} | {candidates} | {ef} L | {bound} | "
+                    f"{found / (10 * len(rows)):.4f} | {certified / len(rows):.3f} | "
+                    f"{1e3 * float(np.median(seconds)):.2f} | {per_item:.0f} |",
                     flush=True,
                 )
         gallery.ann = None

@@ -175,7 +175,7 @@ def test_pool_profile_form_equals_dense_plus_sparse(k):
 # k = 1 is left out: every weight is 1, so the knapsack is max_a s_q(a), the global bound.
 @pytest.mark.parametrize("k", [3, 10, 25])
 def test_sparse_term_bound_holds_for_every_item_and_beats_the_global_one(k):
-    from app.ann import sparse_term_bound
+    from app.knn_certificate import sparse_term_bound
     from app.retrieval import TrainingPool, gallery_weight_matrix, item_codes, unit_rows
 
     rng = np.random.default_rng(10 + k)
@@ -199,6 +199,39 @@ def test_sparse_term_bound_holds_for_every_item_and_beats_the_global_one(k):
         assert bound <= global_bound + 1e-9
         tight += bound < global_bound - 1e-9
     assert tight  # strictly tighter for some queries, or the caps bought nothing
+
+
+def test_per_cluster_weight_caps_bound_every_members_sparse_term(engine):
+    from app.knn_certificate import KnnCertificate
+    from app.retrieval import gallery_weight_matrix
+
+    rng = np.random.default_rng(4)
+    engine.upsert("text", *_random_text_items(2000, rng))  # past ann_min_items: clusters
+    for i in range(0, 2000, 5):
+        engine.delete("text", f"t-{i}")
+    probe = rng.normal(size=(1, 16)).astype(np.float32)
+    engine.search("image", probe, 10, "knn", mode="approximate")  # builds the indexes
+    engine.upsert("text", *_random_text_items(300, rng))  # replaced: moved rows, new caps
+    gallery = engine.replicas["text"].gallery
+    caps, clusters, pool = gallery.cluster_caps, gallery.cosine_clusters, gallery.pool
+    assert caps is not None and clusters is not None
+    live = np.flatnonzero(gallery.alive[: gallery.n_rows])
+    weights = gallery_weight_matrix(pool, gallery.neighbours[live], gallery.weights[live])
+    member_of = clusters.cluster_of[live]
+    queries = engine.embed_queries("image", rng.normal(size=(30, 16)).astype(np.float32), "knn")
+    tighter = 0
+    for i in range(len(queries)):
+        nb, w = queries.codes.neighbours[i], queries.codes.weights[i]
+        s = np.zeros(pool.size)
+        s[pool.partner(nb)] = w * pool.pair_correction[nb]
+        terms = weights @ s  # s_q.t_g of every live item
+        largest = np.full(len(clusters.centroids), -np.inf)
+        np.maximum.at(largest, member_of, terms)
+        sums = caps.sums(pool, nb, w)
+        assert (largest <= sums).all()  # float32 rounding included (sums allows for it)
+        certificate = KnnCertificate(pool, nb, w, gallery.weight_caps, caps)
+        tighter += np.median(np.minimum(sums, certificate.sparse)) < certificate.sparse
+    assert tighter  # the caps must beat the gallery-wide bound somewhere
 
 
 def test_indexes_built_in_the_background_miss_no_change_made_meanwhile(engine):
