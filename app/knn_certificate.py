@@ -49,40 +49,78 @@ def sparse_term_bound(
 class ClusterWeightCaps:
     """W_c(b) for each cluster c of a ClusterIndex and pool item b. Never lowered: a removed
     or moved member leaves its cluster's caps as they were, which still bound the rest.
-    Callers hold the gallery's lock (read for `sums`/`open_clusters`, write for `add`)."""
+    Callers hold the gallery's lock (read for `sums`/`open_clusters`, write for `add`).
+
+    Stored sparse: a cluster's members share most of their training neighbours, so ~3 % of
+    the (pool item, cluster) pairs have a cap at all (as a dense float32 matrix: 31 MB at
+    200k items, 70 MB at 1M). The caps are the values of the sorted keys b * clusters + c,
+    which is a CSR matrix's layout (row b's caps are one contiguous run) without its indptr,
+    so a write can insert a pair by a binary search.
+    """
 
     def __init__(self, clusters: ClusterIndex, pool_size: int) -> None:
         self.clusters = clusters
-        # Pool-item major: a query reads the k rows of its partners (70 MB at 1M items).
-        self.caps = np.zeros((pool_size, len(clusters.centroids)), dtype=np.float32)
+        self.n_clusters = len(clusters.centroids)
+        self.pool_size = pool_size
+        self.keys = np.zeros(0, dtype=np.int64)  # sorted, distinct b * n_clusters + c
+        self.values = np.zeros(0, dtype=np.float32)  # W_c(b) of each key
 
     def add(self, rows: np.ndarray, neighbours: np.ndarray, weights: np.ndarray) -> None:
         """Rows already added to the clusters, with their neighbours and weights."""
         clusters = self.clusters.cluster_of[np.asarray(rows, dtype=np.int64)]
         k = neighbours.shape[1]
-        np.maximum.at(
-            self.caps,
-            (np.asarray(neighbours).ravel(), np.repeat(clusters, k)),
-            np.asarray(weights, dtype=np.float32).ravel(),
+        keys = np.asarray(neighbours, dtype=np.int64).ravel() * self.n_clusters + np.repeat(
+            clusters, k
         )
+        if not len(keys):
+            return
+        order = np.argsort(keys)
+        keys = keys[order]
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+        largest = np.maximum.reduceat(np.asarray(weights, dtype=np.float32).ravel()[order], starts)
+        keys = keys[starts]
+        at = np.searchsorted(self.keys, keys)
+        known = at < len(self.keys)
+        known[known] = self.keys[at[known]] == keys[known]
+        self.values[at[known]] = np.maximum(self.values[at[known]], largest[known])
+        self.keys = np.insert(self.keys, at[~known], keys[~known])
+        self.values = np.insert(self.values, at[~known], largest[~known])
+
+    def caps(self, pool_items: np.ndarray, clusters: np.ndarray) -> np.ndarray:
+        """W_c(b) for each pair (pool_items[i], clusters[i]) (0 where none is stored)."""
+        keys = np.asarray(pool_items, dtype=np.int64) * self.n_clusters + clusters
+        if not len(self.keys):
+            return np.zeros(keys.shape, dtype=np.float32)
+        at = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        return np.where(self.keys[at] == keys, self.values[at], np.float32(0.0))
 
     def sums(
         self, pool: TrainingPool, query_neighbours: np.ndarray, query_weights: np.ndarray
     ) -> np.ndarray:
-        """sum_a s_q(a) W_c(partner(a)) for every cluster c, float64, rounded up: summed in
-        float32 (a float64 copy of the k x clusters caps would cost more than the sum), whose
-        k products and sums are off by at most k 2^-23 of the total (2^-24 per operation)."""
-        sparse = query_weights.astype(np.float32) * pool.pair_correction[query_neighbours]
-        sums = (sparse @ self.caps[pool.partner(query_neighbours)]).astype(np.float64)
+        """sum_a s_q(a) W_c(partner(a)) for every cluster c, float64, rounded up by what the
+        served scores' float32 arithmetic can add to a member's sparse term (s_q rounded to
+        float32, then k products and sums: 2^-24 of the total each, k 2^-23 covers them)."""
+        sparse = query_weights.astype(np.float64) * pool.pair_correction[query_neighbours]
+        first = pool.partner(query_neighbours).astype(np.int64) * self.n_clusters
+        lo = np.searchsorted(self.keys, first)
+        runs = np.searchsorted(self.keys, first + self.n_clusters) - lo
+        # The positions of every partner's caps, run after run.
+        run_starts = np.repeat(lo - (np.cumsum(runs) - runs), runs)
+        at = run_starts + np.arange(int(runs.sum()))
+        sums = np.bincount(
+            self.keys[at] - np.repeat(first, runs),
+            weights=self.values[at] * np.repeat(sparse, runs),
+            minlength=self.n_clusters,
+        )
         return sums * (1.0 + len(query_neighbours) * 2.0**-23)
 
     def open_clusters(self, rows: np.ndarray) -> np.ndarray:
         """Whether each cluster has a live member that is not among `rows` (live, distinct)."""
-        inside = np.bincount(self.clusters.cluster_of[rows], minlength=len(self.clusters.centroids))
+        inside = np.bincount(self.clusters.cluster_of[rows], minlength=self.n_clusters)
         return inside < self.clusters.count
 
     def nbytes(self) -> int:
-        return self.caps.nbytes
+        return self.keys.nbytes + self.values.nbytes
 
 
 class KnnCertificate:

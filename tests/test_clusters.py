@@ -16,6 +16,7 @@ from app.ann import AnnParams
 from app.bundle import load_bundle
 from app.clusters import ClusterIndex
 from app.gallery import Gallery, QueryBatch
+from app.knn_certificate import ClusterWeightCaps
 from app.replica import derive
 from app.retrieval import cosine_scores
 
@@ -107,3 +108,32 @@ def test_certified_cosine_answers_are_the_exact_ones(bundle):
             assert hits == truth  # ids, scores (bitwise) and order
         recall.append(len({h.id for h in hits} & {h.id for h in truth}) / 10)
     assert np.mean(recall) >= 0.9
+
+
+def test_sparse_cluster_caps_equal_the_dense_maxima(bundle):
+    """The knn certificate's per-cluster caps, kept as sorted keys (app.knn_certificate),
+    hold exactly the largest weight each cluster's members gave each pool item, however the
+    rows arrive: in one bulk add, one by one, or again with other weights (never lowered)."""
+    gallery, queries = _changed_gallery(bundle)
+    clusters, pool = gallery.cosine_clusters, gallery.pool
+    live = np.flatnonzero(gallery.alive[: gallery.n_rows])
+    dense = np.zeros((pool.size, len(clusters.centroids)), dtype=np.float32)
+    caps = ClusterWeightCaps(clusters, pool.size)
+    rng = np.random.default_rng(9)
+    for step, rows in enumerate(np.array_split(rng.permutation(live), 7)):
+        neighbours, weights = gallery.neighbours[rows], gallery.weights[rows]
+        if step % 2:  # the same rows again, some weights larger, some smaller
+            weights = weights * rng.uniform(0.5, 1.5, size=weights.shape).astype(np.float32)
+        for chunk in np.array_split(np.arange(len(rows)), 1 if step < 3 else 40):
+            caps.add(rows[chunk], neighbours[chunk], weights[chunk])
+        members = np.repeat(clusters.cluster_of[rows], neighbours.shape[1])
+        np.maximum.at(dense, (neighbours.ravel(), members), weights.ravel())
+    b, c = np.indices(dense.shape)
+    assert np.array_equal(caps.caps(b, c), dense)
+    assert len(caps.values) == np.count_nonzero(dense) < dense.size / 4  # sparse indeed
+    codes = bundle.codes(queries)
+    for nb, w in zip(codes.neighbours, codes.weights, strict=True):
+        sparse = w.astype(np.float64) * pool.pair_correction[nb]
+        reference = sparse @ dense[pool.partner(nb)].astype(np.float64)
+        sums = caps.sums(pool, nb, w)
+        assert np.all(reference <= sums) and np.allclose(sums, reference, rtol=1e-4)

@@ -106,7 +106,7 @@ def test_restart_from_a_snapshot_serves_what_a_load_from_the_store_serves(
     assert gallery.cluster_caps is not None and gallery.cosine_clusters is not None
     members = gallery.cosine_clusters.cluster_of[live][:, None]
     assert (
-        gallery.weights[live] <= gallery.cluster_caps.caps[gallery.neighbours[live], members]
+        gallery.weights[live] <= gallery.cluster_caps.caps(gallery.neighbours[live], members)
     ).all()
     gone = {h.id for h in restarted.search("image", np.ones((1, 16), np.float32), 5000)[0]}
     assert not {"t-1", "t-2", "t-3", "t-500"} & gone
