@@ -138,6 +138,7 @@ async def _admitted(state: State) -> AsyncIterator[None]:
             headers={"Retry-After": "1"},
         )
     state.inflight += 1
+    state.admitted += 1  # app.memory.IdleTrimmer tells idle from busy by it
     try:
         yield
     finally:

@@ -21,6 +21,7 @@ from app.bundle import MANIFEST, MODALITIES, Bundle, load_bundle, sha256_of
 from app.cluster import ShardUnavailableError
 from app.engine import Engine
 from app.errors import install_error_handlers
+from app.memory import IdleTrimmer
 from app.metrics import ServiceMetrics, ServiceMiddleware
 from app.openapi import app_options, install_docs, install_openapi
 from app.routes import gallery, health, search
@@ -88,9 +89,14 @@ def create_app(
             loader.start()
         else:
             build()
+        trimmer = IdleTrimmer(lambda: (state.inflight, state.admitted), settings.idle_trim_s)
+        if settings.idle_trim_s > 0:
+            trimmer.start()
+        state.trimmer = trimmer
         try:
             yield
         finally:
+            trimmer.stop()
             if background_load:
                 loader.join(timeout=5)
             engine.close()
@@ -102,6 +108,7 @@ def create_app(
     app.state.ready = threading.Event()
     app.state.load_error = None
     app.state.inflight = 0
+    app.state.admitted = 0
     app.state.metrics = ServiceMetrics(
         gallery_stats=lambda: _gallery_stats(app),
         search_paths=lambda: app.state.engine.search_paths if app.state.engine else {},

@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     max_inflight: int = Field(
         64, ge=1, description="concurrent searches and writes; beyond it: 503 + Retry-After"
     )
+    idle_trim_s: float = Field(
+        2.0,
+        ge=0,
+        description="after this many seconds without a search or write, the heap that "
+        "searches freed is given back to the OS (0: never)",
+    )
     ann_min_items: int = Field(
         50_000,
         ge=0,

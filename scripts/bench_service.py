@@ -46,6 +46,8 @@ from tests.support.reference import literal_code_scores
 from tests.support.service import Server
 
 ROOT = Path(__file__).resolve().parents[1]
+# The server trims its freed heap after this many idle seconds; RSS is read again after 3x.
+IDLE_TRIM_S = 2.0
 
 
 def synthetic_texts(
@@ -102,9 +104,10 @@ def fill_store(data_dir: Path, bundle_dir: Path, size: int, seed: int = 0) -> fl
     return time.perf_counter() - started
 
 
-def rss_bytes(pid: int) -> int:
+def rss_bytes(pid: int, field: str = "VmRSS") -> int:
+    """A process's resident size now (VmRSS) or at its peak (VmHWM), from /proc."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return 0
 
@@ -206,6 +209,7 @@ def bench_size(args: argparse.Namespace, size: int, queries: np.ndarray) -> dict
         "CDPAE_ANN_MIN_ITEMS": str(args.ann_min_items),
         "CDPAE_MAX_BODY_BYTES": str(64 << 20),
         "CDPAE_LOG_LEVEL": args.log_level,
+        "CDPAE_IDLE_TRIM_S": str(IDLE_TRIM_S),
     }
     server = Server(args.bundle, data_dir, args.work / f"server-{size}.log", env=env)
     result: dict = {"size": size, "fill_store_s": round(fill_s, 1)}
@@ -229,6 +233,11 @@ def bench_size(args: argparse.Namespace, size: int, queries: np.ndarray) -> dict
                     # measured before a forced approximate search builds an index below the
                     # size threshold
                     result["rss_bytes"] = rss_bytes(server.proc.pid)
+                    # The server gives freed heap back once idle (CDPAE_IDLE_TRIM_S):
+                    # what a replica holds between bursts of searches.
+                    time.sleep(3 * IDLE_TRIM_S)
+                    result["rss_idle_bytes"] = rss_bytes(server.proc.pid)
+                    result["rss_peak_bytes"] = rss_bytes(server.proc.pid, "VmHWM")
                     metrics = http.get("/metrics").text
                     result["gallery_bytes"] = _gauge(
                         metrics, 'cdpae_gallery_memory_bytes{modality="text"}'
@@ -300,13 +309,19 @@ def _gauge(metrics: str, name: str) -> int:
     return 0
 
 
+def _rss_cell(r: dict, unit: float, fmt: str, peak: bool = True) -> str:
+    names = ["rss_bytes", "rss_idle_bytes"] + (["rss_peak_bytes"] if peak else [])
+    return " / ".join(format(r[n] / unit, fmt) if n in r else "-" for n in names)
+
+
 def table(results: list[dict]) -> str:
     head = (
         "| items | knn served p50 / p99 ms | knn exact p50 / p99 ms | knn approx p50 / p99 ms "
         "| cosine served p50 / p99 ms | cosine exact p50 / p99 ms "
         "| batch q/s knn / exact / approx / cosine "
         "| recall@10 knn approx (tie-aware) | recall@10 cosine approx (tie-aware) "
-        "| literal s/query | literal / knn served | RSS MB | RSS KB / item "
+        "| literal s/query | literal / knn served | RSS MB after searches / idle / peak "
+        "| RSS KB / item after searches / idle "
         "| gallery arrays KB / item | startup s |"
     )
     lines = [head, "|" + "---|" * 15]
@@ -330,7 +345,7 @@ def table(results: list[dict]) -> str:
             f"{cell('cosine')} | {cell('cosine_exact')} | {qps} | {r['ann_recall_at_10']} "
             f"({r.get('ann_recall_at_10_ties', '-')}) | {r['cosine_recall_at_10']} "
             f"({r['cosine_recall_at_10_ties']}) | {literal} | {ratio} | "
-            f"{r['rss_bytes'] / 1e6:.0f} | {r['rss_bytes'] / r['size'] / 1e3:.2f} | "
+            f"{_rss_cell(r, 1e6, '.0f')} | {_rss_cell(r, 1e3 * r['size'], '.2f', peak=False)} | "
             f"{r['ann_gallery_bytes'] / r['size'] / 1e3:.2f} | {r['startup_s']} |"
         )
     return "\n".join(lines)

@@ -2,12 +2,13 @@
 
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from app.bundle import load_bundle
-from app.memory import release_freed_memory
+from app.memory import IdleTrimmer, release_freed_memory
 from scripts.bench_service import rss_bytes
 
 
@@ -44,3 +45,30 @@ def test_a_large_embedding_run_leaves_no_memory_behind(synthetic_bundle):
     release_freed_memory()
     after = _rss_mb()
     assert after - before < held / 4, (before, after, held)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc, needs glibc")
+def test_the_idle_trimmer_gives_the_heap_back_only_once_the_service_is_idle():
+    activity = {"in_flight": 1, "admitted": 1}
+    trimmer = IdleTrimmer(lambda: (activity["in_flight"], activity["admitted"]), idle_s=0.1)
+    trimmer.start()
+    try:
+        blocks = [bytes(2000) + bytes([i % 256]) for i in range(150_000)]
+        keep = bytes(2000) + b"kept"  # stops glibc from trimming by itself (test above)
+        del blocks
+        time.sleep(0.4)
+        assert trimmer.trims == 0  # a request in flight the whole time
+        activity["in_flight"] = 0
+        for _ in range(30):  # requests admitted between any two polls: busy, none in flight
+            activity["admitted"] += 1
+            time.sleep(0.01)
+        assert trimmer.trims == 0
+        freed_but_kept = _rss_mb()
+        time.sleep(0.6)  # idle now
+        released = _rss_mb()
+        assert trimmer.trims == 1  # once per busy spell, not at every idle poll
+        assert freed_but_kept - released > 100, (freed_but_kept, released)
+        assert keep.endswith(b"kept")
+    finally:
+        trimmer.stop()
+    assert not trimmer._thread.is_alive()
