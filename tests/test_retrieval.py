@@ -164,3 +164,30 @@ def test_query_profiles_are_bitwise_equal_whatever_the_blas_thread_count(wikiped
     ]
     assert len(profiles[0]) > 0
     assert profiles[0] == profiles[1]
+
+
+def test_codes_gathered_and_by_sparse_product_are_bitwise_equal(wikipedia_bundle):
+    """A few items are coded by gathering their neighbours' units, batches by a CSR product
+    (app.retrieval.GATHER_MAX_ITEMS): an item must get the same code alone, in a small batch
+    and in a large one, equal to m_x = W_x U summed in float64."""
+    import scipy.sparse as sp
+
+    from app.bundle import load_bundle
+    from app.retrieval import GATHER_MAX_ITEMS, neighbour_weights
+
+    bundle = load_bundle(wikipedia_bundle, for_queries=False)
+    pool = bundle.pool
+    features = bundle.default_gallery().features["text"][:300]
+    ids, z = bundle.neighbours(bundle.embed("text", features))
+    batch = item_codes(pool, ids, z)
+    n, k = ids.shape
+    weights = sp.csr_matrix(
+        (neighbour_weights(z).ravel(), ids.ravel(), np.arange(0, n * k + 1, k)),
+        shape=(n, pool.size),
+    )
+    product = weights @ pool.units.astype(np.float64)
+    assert np.array_equal(batch.dense, product.astype(np.float32))
+    for rows in (slice(0, 1), slice(7, 7 + GATHER_MAX_ITEMS), slice(40, 41 + GATHER_MAX_ITEMS)):
+        part = item_codes(pool, ids[rows], z[rows])
+        assert np.array_equal(part.dense, batch.dense[rows])
+        assert np.array_equal(part.weights, batch.weights[rows])
