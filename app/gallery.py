@@ -47,6 +47,11 @@ Similarity = Literal["knn", "cosine"]
 SearchMode = Literal["auto", "exact", "approximate"]
 # A gallery's per-row arrays (grown together, saved by app.snapshot).
 ARRAYS = ("neighbours", "weights", "projected", "residual", "features", "alive")
+# An exact scan scores this many (query, item) pairs at a time at most: a batch of 256
+# queries over 200k items would otherwise hold several (Q, G) matrices at once (scores, and
+# for cosine the bounds, slacks and contender mask: ~0.7 GB there, ~3.3 GB at 1M). 2^23
+# cells are 32 MB per float32 matrix; a query's scores do not depend on its batch.
+SCAN_CELLS = 1 << 23
 
 
 class RWLock:
@@ -118,9 +123,9 @@ class QueryBatch:
     def __len__(self) -> int:
         return len(self.units)
 
-    def row(self, i: int) -> QueryBatch:
-        """Query i alone, as a batch of one."""
-        pick = slice(i, i + 1)
+    def part(self, start: int, stop: int) -> QueryBatch:
+        """Queries start..stop-1, as a batch of their own."""
+        pick = slice(start, stop)
         codes = None
         if self.codes is not None:
             codes = ItemCodes(
@@ -485,18 +490,34 @@ class Gallery:
         """(Q, rows) exact scores; rows None: every slot [0, n_rows), dead ones at -inf.
         Cosine with k: only the items that can be in a query's top k are sure to be scored
         (app.projection); the others may be -inf."""
+        return np.vstack(list(self.score_parts(queries, similarity, rows, k)))
+
+    def score_parts(
+        self,
+        queries: QueryBatch,
+        similarity: Similarity,
+        rows: np.ndarray | None = None,
+        k: int | None = None,
+    ) -> Iterator[np.ndarray]:
+        """`scores`, a few queries at a time (SCAN_CELLS), in the queries' order."""
         picked = slice(0, self.n_rows) if rows is None else rows
+        n = self.n_rows if rows is None else len(rows)
+        step = max(1, SCAN_CELLS // max(n, 1))
         dead = None
         if rows is None and len(self) < self.n_rows:
             dead = ~self.alive[: self.n_rows]
         if similarity == "cosine":
-            return self._cosine_scores(queries.units, picked, dead, k)
+            for start in range(0, len(queries), step):
+                units = queries.units[start : start + step]
+                yield self._cosine_scores(units, picked, dead, k)
+            return
         assert queries.profile is not None, "knn scores need the query profiles"
         weights = gallery_weight_matrix(self.pool, self.neighbours[picked], self.weights[picked])
-        scores = profile_scores(queries.profile, weights)
-        if dead is not None:
-            scores[:, dead] = -np.inf
-        return scores
+        for start in range(0, len(queries), step):
+            scores = profile_scores(queries.profile[start : start + step], weights)
+            if dead is not None:
+                scores[:, dead] = -np.inf
+            yield scores
 
     def _cosine_scores(
         self,
@@ -544,14 +565,14 @@ class Gallery:
         k = min(k, len(self) if rows is None else len(rows))
         if k <= 0:
             return [[] for _ in range(len(queries))]
-        scores = self.scores(queries, similarity, rows, k)
-        # Column j of `scores` is row j of the gallery, or rows[j] under a filter.
+        # Column j of the scores is row j of the gallery, or rows[j] under a filter.
         ids = self.ids if rows is None else [self.ids[r] for r in rows.tolist()]
         results = []
-        for q in range(len(queries)):
-            best = top_k_by_id(scores[q], ids, k)
-            picked = best if rows is None else rows[best]
-            results.append(self.hits(picked, scores[q, best]))
+        for scores in self.score_parts(queries, similarity, rows, k):
+            for row_scores in scores:
+                best = top_k_by_id(row_scores, ids, k)
+                picked = best if rows is None else rows[best]
+                results.append(self.hits(picked, row_scores[best]))
         return results
 
     def search_approximate(
@@ -568,7 +589,7 @@ class Gallery:
         results: list[list[Hit]] = []
         paths: list[str] = []
         for i in range(len(queries)):
-            one = queries.row(i)
+            one = queries.part(i, i + 1)
             if similarity == "knn":
                 assert one.codes is not None
                 query = one.codes.dense[0]

@@ -50,7 +50,7 @@ def main() -> None:
     with np.load(args.bundle / "default_gallery.npz") as default:  # real test images
         images = np.random.default_rng(1).permutation(default["image"])[: args.queries]
     queries = engine.embed_queries("image", images, "knn")
-    rows = [queries.row(i) for i in range(len(queries))]
+    rows = [queries.part(i, i + 1) for i in range(len(queries))]
     exact = [[h.id for h in gallery.search_exact(one, 10, "knn")[0]] for one in rows]
     gallery.build_cosine_clusters(app.ann.AnnParams())
     cluster_caps = gallery.cluster_caps

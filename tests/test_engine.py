@@ -61,6 +61,27 @@ def _random_text_items(n: int, rng: np.random.Generator, prefix: str = "t"):
 
 
 @pytest.mark.parametrize("similarity", ["knn", "cosine"])
+def test_an_exact_scan_in_parts_answers_as_in_one(engine, monkeypatch, similarity):
+    """A batch's exact scan holds at most SCAN_CELLS scores at once: scanned 3 queries at a
+    time, with dead rows and under a filter, the answers are the one-pass answers exactly."""
+    import app.gallery
+
+    rng = np.random.default_rng(6)
+    engine.upsert("text", *_random_text_items(2000, rng))
+    for i in range(0, 2000, 7):
+        engine.delete("text", f"t-{i}")
+    probes = rng.normal(size=(20, 16)).astype(np.float32)
+    cases = [None, {"category": "c2"}]
+    whole = [engine.search("image", probes, 25, similarity, flt, "exact") for flt in cases]
+    gallery = engine.replicas["text"].gallery
+    monkeypatch.setattr(app.gallery, "SCAN_CELLS", 3 * gallery.n_rows)
+    parts = list(gallery.score_parts(engine.embed_queries("image", probes, similarity), similarity))
+    assert [len(p) for p in parts] == [3] * 6 + [2]
+    for flt, expected in zip(cases, whole, strict=True):
+        assert engine.search("image", probes, 25, similarity, flt, "exact") == expected
+
+
+@pytest.mark.parametrize("similarity", ["knn", "cosine"])
 @pytest.mark.parametrize("projection", [0, 6])
 def test_approximate_path_matches_exact(engine, projection, similarity):
     # projection 6: the knn ANN index holds m_g projected on 6 of the 12 pool directions
