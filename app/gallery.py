@@ -49,9 +49,12 @@ SearchMode = Literal["auto", "exact", "approximate"]
 ARRAYS = ("neighbours", "weights", "projected", "residual", "features", "alive")
 # An exact scan scores this many (query, item) pairs at a time at most: a batch of 256
 # queries over 200k items would otherwise hold several (Q, G) matrices at once (scores, and
-# for cosine the bounds, slacks and contender mask: ~0.7 GB there, ~3.3 GB at 1M). 2^23
-# cells are 32 MB per float32 matrix; a query's scores do not depend on its batch.
-SCAN_CELLS = 1 << 23
+# for cosine the bounds, slacks and contender mask: ~0.7 GB there, ~3.3 GB at 1M). 2^24
+# cells are 64 MiB per float32 matrix: above glibc's 32 MiB ceiling for its adaptive mmap
+# threshold, so each is mmapped and given back when freed (at 2^23, 32 MiB, they came from
+# the heap once the threshold had risen, and 200 MB stayed in its free lists at 200k items).
+# A query's scores do not depend on its batch.
+SCAN_CELLS = 1 << 24
 
 
 class RWLock:
