@@ -26,7 +26,8 @@ import numpy as np
 
 from app.ann import AnnParams
 from app.bundle import MANIFEST, MODALITIES, Bundle, Modality, sha256_of
-from app.gallery import Hit, QueryBatch, SearchMode, Similarity, canonical_json
+from app.gallery import Hit, QueryBatch, SearchMode, Similarity
+from app.metadata_index import canonical_json
 from app.replica import GalleryReplica, derive
 from app.retrieval import query_profile
 from app.store import GalleryStore, StoredItem

@@ -14,7 +14,6 @@ sees an add during a query.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -30,12 +29,14 @@ import numpy as np
 from app.ann import AnnIndex, AnnParams, Candidates, certified_top_k
 from app.clusters import ClusterIndex, kmeans_sample
 from app.knn_certificate import ClusterWeightCaps, KnnCertificate
+from app.metadata_index import MetadataIndex
 from app.projection import ROUNDING_SLACK, Projection, contenders
 from app.retrieval import (
     ItemCodes,
     TrainingPool,
     cosine_scores,
     gallery_weight_matrix,
+    pool_id_dtype,
     profile_scores,
     top_k_by_id,
 )
@@ -94,11 +95,6 @@ class RWLock:
             with self._cond:
                 self._writer = False
                 self._cond.notify_all()
-
-
-def canonical_json(value: object) -> str:
-    """The one JSON spelling of a value: stored metadata and filter keys compare by it."""
-    return json.dumps(value, sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -168,7 +164,8 @@ class Gallery:
         self.projection = Projection.of(pool)
         self.lock = RWLock()
         self.n_rows = 0  # rows in use, dead or alive: [0, n_rows)
-        self.neighbours = np.zeros((capacity, k), dtype=np.int32)
+        # the k training neighbours of each item, in the narrowest type the pool allows
+        self.neighbours = np.zeros((capacity, k), dtype=pool_id_dtype(pool.size))
         self.weights = np.zeros((capacity, k), dtype=np.float32)
         # Cosine items kept compactly (app.projection): P u_g, |u_g - P u_g|, raw features.
         self.projected = np.zeros((capacity, self.projection.width(pool.dim)), dtype=np.float32)
@@ -179,8 +176,7 @@ class Gallery:
         self.metadata: list[str | None] = [None] * capacity  # canonical JSON
         self.row_of: dict[str, int] = {}
         self.free: list[int] = []
-        # metadata key -> canonical value -> rows: the exact-match filter
-        self.by_value: dict[str, dict[str, set[int]]] = {}
+        self.metadata_index = MetadataIndex(capacity)  # the exact-match filter
         # W(b): the largest w_g(b) ever stored for each pool item b, which bounds the sparse
         # term of the knn certificate (app.knn_certificate). Never lowered by a removal: a
         # larger cap is still a bound. Per cosine cluster as well, once there are clusters.
@@ -227,24 +223,7 @@ class Gallery:
         extra = capacity - len(self.ids)
         self.ids.extend([None] * extra)
         self.metadata.extend([None] * extra)
-
-    def _index_metadata(self, row: int, metadata_json: str, add: bool) -> None:
-        for key, value in json.loads(metadata_json).items():
-            if isinstance(value, dict | list):
-                continue  # only scalar values can be filtered on
-            values = self.by_value.setdefault(key, {})
-            spelled = canonical_json(value)
-            if add:
-                values.setdefault(spelled, set()).add(row)
-                continue
-            rows = values.get(spelled)
-            if rows is not None:
-                rows.discard(row)
-                # Prune emptied sets: ids come and go, their values must not pile up.
-                if not rows:
-                    del values[spelled]
-                    if not values:
-                        del self.by_value[key]
+        self.metadata_index.grow(capacity)
 
     def put(
         self,
@@ -258,7 +237,7 @@ class Gallery:
         for i, item_id in enumerate(ids):
             row = self.row_of.get(item_id)
             if row is not None:
-                self._index_metadata(row, self.metadata[row] or "{}", add=False)
+                self.metadata_index.remove(row, self.metadata[row] or "{}")
             elif self.free:
                 row = self.free.pop()
             else:
@@ -270,7 +249,7 @@ class Gallery:
             self.row_of[item_id] = row
             self.ids[row] = item_id
             self.metadata[row] = metadata_json[i]
-            self._index_metadata(row, metadata_json[i], add=True)
+            self.metadata_index.add(row, metadata_json[i])
         self.neighbours[rows] = derived.neighbours
         self.weights[rows] = derived.weights
         projected, residual = self.projection.project(derived.units)
@@ -312,7 +291,7 @@ class Gallery:
         row = self.row_of.pop(item_id, None)
         if row is None:
             return False
-        self._index_metadata(row, self.metadata[row] or "{}", add=False)
+        self.metadata_index.remove(row, self.metadata[row] or "{}")
         self.alive[row] = False
         self.ids[row] = None
         self.metadata[row] = None
@@ -470,13 +449,7 @@ class Gallery:
 
     def rows_matching(self, flt: dict[str, object]) -> np.ndarray:
         """Live rows whose metadata equals every key=value of the filter, ascending."""
-        matched: set[int] | None = None
-        for key, value in flt.items():
-            rows = self.by_value.get(key, {}).get(canonical_json(value), set())
-            matched = set(rows) if matched is None else matched & rows
-            if not matched:
-                return np.empty(0, dtype=np.int64)
-        return np.array(sorted(matched or ()), dtype=np.int64)
+        return self.metadata_index.rows_matching(flt, self.n_rows)
 
     def dense_codes(self, rows: np.ndarray) -> np.ndarray:
         """m_g of the given rows, recomputed from their codes (m_g = sum_b w_g(b) u_b)."""

@@ -30,8 +30,9 @@ import numpy as np
 from app import snapshot
 from app.ann import AnnParams
 from app.bundle import Bundle, Modality
-from app.gallery import Gallery, Hit, QueryBatch, SearchMode, Similarity, canonical_json
+from app.gallery import Gallery, Hit, QueryBatch, SearchMode, Similarity
 from app.memory import release_freed_memory
+from app.metadata_index import canonical_json
 from app.retrieval import neighbour_weights
 from app.snapshot import SnapshotInfo, SnapshotMismatch, SnapshotOrigin
 from app.store import Derived, GalleryStore, StoredItem

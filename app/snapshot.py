@@ -2,9 +2,9 @@
 
 Why: loading from the store pays per item (SQL rows, derived-data blobs, JSON, Python) and the
 ANN indexes of a large gallery are rebuilt afterwards (minutes at 1M items). A snapshot is
-the gallery's arrays as .npy files, its ids, metadata and filter index as JSON, its knn
-hnswlib index as hnswlib saves it and its cosine clusters (app.clusters) as .npy files: read
-back at disk speed.
+the gallery's arrays as .npy files, its ids and metadata as JSON, its filter's value codes
+as .npy files (their spellings in the JSON), its knn hnswlib index as hnswlib saves it and its
+cosine clusters (app.clusters) as .npy files: read back at disk speed.
 
 A snapshot is a cache, never the truth. It records where in the store's change log it was
 taken (`seq`), which store (the store's random `store_id` and the signature of the change at
@@ -37,12 +37,15 @@ import numpy as np
 from app.ann import AnnIndex, AnnParams
 from app.clusters import ClusterIndex
 from app.gallery import ARRAYS, Gallery
+from app.metadata_index import KeyColumn
 
 # The cosine clusters' arrays (ClusterIndex.state), saved as cosine-<name>.npy.
 CLUSTER_ARRAYS = ("centroids", "radius", "max_residual", "cluster_of")
 
 # 2: cosine items as projection + residual + raw features (app.projection), not unit embeddings
-FORMAT = 2
+# 3: neighbour ids in the narrowest type the pool allows (app.retrieval.pool_id_dtype), the
+#    metadata filter as value codes (app.metadata_index)
+FORMAT = 3
 
 
 class SnapshotMismatch(Exception):
@@ -185,14 +188,12 @@ def _write_generation(
         rows = getattr(gallery, array)[:n]
         put(f"{array}.npy", lambda f, rows=rows: np.save(f, rows, allow_pickle=False))
     put("free.npy", lambda f: np.save(f, np.asarray(gallery.free, dtype=np.int64)))
-    rows_json = {
-        "ids": gallery.ids[:n],
-        "metadata": gallery.metadata[:n],
-        "by_value": {
-            key: {value: sorted(rows) for value, rows in values.items()}
-            for key, values in gallery.by_value.items()
-        },
-    }
+    filter_keys = []
+    for i, (key, column) in enumerate(gallery.metadata_index.columns.items()):
+        codes = column.codes[:n]
+        put(f"filter-{i}.npy", lambda f, codes=codes: np.save(f, codes, allow_pickle=False))
+        filter_keys.append({"key": key, "spellings": column.spellings})
+    rows_json = {"ids": gallery.ids[:n], "metadata": gallery.metadata[:n], "filter": filter_keys}
     put("rows.json", lambda f: f.write(json.dumps(rows_json).encode("utf-8")))
     ann = None
     if ann_params is not None and gallery.ann is not None and gallery.cosine_clusters is not None:
@@ -270,15 +271,22 @@ def load(
     gallery.metadata[:n] = metadata
     gallery.row_of = {item_id: row for row, item_id in enumerate(ids) if item_id is not None}
     gallery.free = np.load(generation / "free.npy").tolist()
-    gallery.by_value = {
-        key: {value: set(members) for value, members in values.items()}
-        for key, values in rows["by_value"].items()
-    }
+    index = gallery.metadata_index
+    for i, entry in enumerate(rows["filter"]):
+        codes = np.load(generation / f"filter-{i}.npy")
+        if len(codes) != n:
+            raise SnapshotMismatch(f"filter-{i}.npy has {len(codes)} rows for {n}")
+        try:
+            index.columns[entry["key"]] = KeyColumn.restore(
+                index.capacity, codes, entry["spellings"]
+            )
+        except ValueError as exc:
+            raise SnapshotMismatch(f"filter-{i}.npy: {exc}") from exc
     if len(gallery.row_of) != int(manifest["items"]) or int(gallery.alive[:n].sum()) != len(
         gallery.row_of
     ):
         raise SnapshotMismatch("ids and live rows disagree")
-    gallery.derive_weight_caps()  # not saved: 0.3 s at 1M items, and a snapshot stays format 2
+    gallery.derive_weight_caps()  # not saved: 0.3 s at 1M items
     ann = manifest.get("ann")
     saved = AnnParams(**ann["params"]) if ann else None
     if saved is None or (saved.M, saved.ef_construction, saved.dim) != (

@@ -127,7 +127,7 @@ def test_searches_during_contested_writes(synthetic_bundle, tmp_path):
     assert set(gallery.row_of) == base | live
     assert engine.count("text") == store.count("text") == len(base) + len(live)
     assert int(gallery.alive[: gallery.n_rows].sum()) == len(gallery)
-    assert sum(len(rows) for rows in gallery.by_value.get("category", {}).values()) == len(gallery)
+    assert sum(gallery.metadata_index.value_counts("category").values()) == len(gallery)
     fresh = Engine(bundle, store, ann_min_items=0)
     fresh.load()
     assert set(fresh.replicas["text"].gallery.row_of) == base | live

@@ -16,6 +16,7 @@ from app.retrieval import (
     item_codes,
     knn_scores,
     mean_average_precision,
+    pool_id_dtype,
     top_k,
     top_k_by_id,
     unit_rows,
@@ -83,6 +84,16 @@ def test_top_k_orders_best_first():
     scores = np.array([[0.1, 0.9, 0.5, 0.7]])
     assert top_k(scores, 2).tolist() == [[1, 3]]
     assert top_k(scores, 10).tolist() == [[1, 3, 2, 0]]
+
+
+def test_pool_ids_fit_their_type_and_partners_do_not_wrap():
+    # The largest pool with 16-bit ids: its last item's partner must not wrap around 2^16.
+    pool = TrainingPool(np.ones((1 << 16, 2), dtype=np.float32))
+    ids = np.array([0, 32767, 32768, 65535], dtype=pool_id_dtype(pool.size))
+    assert ids.dtype == np.uint16
+    np.testing.assert_array_equal(pool.partner(ids), [32768, 65535, 0, 32767])
+    assert pool_id_dtype((1 << 16) + 2) == np.int32
+    assert pool_id_dtype(4346) == np.uint16
 
 
 def test_pool_rejects_odd_size():

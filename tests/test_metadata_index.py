@@ -1,0 +1,105 @@
+"""The metadata filter's value codes against a brute-force filter over the rows' metadata."""
+
+import json
+
+import numpy as np
+import pytest
+
+from app.metadata_index import NO_VALUE, KeyColumn, MetadataIndex, canonical_json
+
+
+def brute_force(metadata: dict[int, dict], flt: dict[str, object]) -> list[int]:
+    return sorted(
+        row
+        for row, meta in metadata.items()
+        if all(
+            key in meta
+            and not isinstance(meta[key], dict | list)
+            and canonical_json(meta[key]) == canonical_json(value)
+            for key, value in flt.items()
+        )
+    )
+
+
+def test_random_adds_replaces_and_removes_filter_like_brute_force():
+    rng = np.random.default_rng(0)
+    n_rows = 300
+    index = MetadataIndex(capacity=64)
+    metadata: dict[int, dict] = {}
+    values = ["a", "b", 1, 1.5, True, None, "é"]
+    uniques_made = most_uniques_held = 0
+    for step in range(3000):
+        if step == 100:
+            index.grow(n_rows)  # rows past the first capacity come after a grow
+        row = int(rng.integers(0, 64 if step < 100 else n_rows))
+        if row in metadata:
+            index.remove(row, json.dumps(metadata.pop(row)))
+        if rng.random() < 0.7:
+            meta = {
+                key: values[int(rng.integers(len(values)))]
+                for key in ("x", "y")
+                if rng.random() < 0.8
+            }
+            if rng.random() < 0.1:
+                meta["unique"] = f"u{step}"  # values that come once and go
+                uniques_made += 1
+            if rng.random() < 0.1:
+                meta["list"] = [1, 2]  # not filterable: never indexed
+            metadata[row] = meta
+            index.add(row, json.dumps(meta))
+        held_now = sum("unique" in m for m in metadata.values())
+        most_uniques_held = max(most_uniques_held, held_now)
+        if step % 50 == 0:
+            for flt in ({"x": "a"}, {"x": 1, "y": None}, {"y": True}, {"x": "é"}, {"list": [1, 2]}):
+                got = index.rows_matching(flt, index.capacity).tolist()
+                assert got == brute_force(metadata, flt), (step, flt)
+    # Emptied values are forgotten and their codes reused: the table never outgrows what was
+    # held at once.
+    held = {canonical_json(m["unique"]) for m in metadata.values() if "unique" in m}
+    assert set(index.value_counts("unique")) == held
+    assert len(index.columns["unique"].spellings) <= most_uniques_held < uniques_made / 4
+    assert "list" not in index.columns
+    for key in ("x", "y"):
+        expected: dict[str, int] = {}
+        for meta in metadata.values():
+            if key in meta:
+                spelled = canonical_json(meta[key])
+                expected[spelled] = expected.get(spelled, 0) + 1
+        assert index.value_counts(key) == expected
+
+
+def test_a_key_whose_last_value_goes_is_forgotten():
+    index = MetadataIndex(capacity=4)
+    index.add(0, '{"k": "v"}')
+    index.add(1, '{"k": "v"}')
+    index.remove(0, '{"k": "v"}')
+    assert index.value_counts("k") == {'"v"': 1}
+    index.remove(1, '{"k": "v"}')
+    assert index.columns == {}
+    assert index.rows_matching({"k": "v"}, 4).tolist() == []
+
+
+def test_an_empty_filter_is_refused():
+    with pytest.raises(ValueError, match="empty filter"):
+        MetadataIndex(capacity=4).rows_matching({}, 4)
+
+
+def test_a_column_restored_from_its_codes_equals_the_original():
+    column = KeyColumn(capacity=8)
+    for row, spelling in enumerate(['"a"', '"b"', '"a"', '"c"']):
+        column.set(row, spelling)
+    column.clear(1)  # "b" is gone: a free code in the table
+    restored = KeyColumn.restore(16, column.codes[:4], column.spellings)
+    assert restored.code_of == column.code_of
+    assert restored.counts == column.counts
+    assert restored.free_codes == column.free_codes
+    assert (restored.codes[4:] == NO_VALUE).all()
+    restored.set(5, '"d"')  # takes the free code
+    assert restored.code_of['"d"'] == 1  # "b"'s old code
+
+
+def test_a_restore_whose_codes_and_table_disagree_is_refused():
+    with pytest.raises(ValueError, match="spellings"):
+        KeyColumn.restore(4, np.array([0, 2], dtype=np.int32), ['"a"'])
+    with pytest.raises(ValueError, match="rows for spelling"):
+        KeyColumn.restore(4, np.array([0, 0], dtype=np.int32), ['"a"', '"b"'])
