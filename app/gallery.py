@@ -173,7 +173,8 @@ class Gallery:
         self.features = np.zeros((capacity, feature_dim), dtype=np.float32)
         self.alive = np.zeros(capacity, dtype=bool)
         self.ids: list[str | None] = [None] * capacity
-        self.metadata: list[str | None] = [None] * capacity  # canonical JSON
+        # canonical JSON, or None where the metadata index spells it back (metadata_json)
+        self.metadata: list[str | None] = [None] * capacity
         self.row_of: dict[str, int] = {}
         self.free: list[int] = []
         self.metadata_index = MetadataIndex(capacity)  # the exact-match filter
@@ -237,7 +238,7 @@ class Gallery:
         for i, item_id in enumerate(ids):
             row = self.row_of.get(item_id)
             if row is not None:
-                self.metadata_index.remove(row, self.metadata[row] or "{}")
+                self.metadata_index.remove(row)
             elif self.free:
                 row = self.free.pop()
             else:
@@ -248,8 +249,8 @@ class Gallery:
             rows[i] = row
             self.row_of[item_id] = row
             self.ids[row] = item_id
-            self.metadata[row] = metadata_json[i]
-            self.metadata_index.add(row, metadata_json[i])
+            spelled_back = self.metadata_index.add(row, metadata_json[i])
+            self.metadata[row] = None if spelled_back else metadata_json[i]
         self.neighbours[rows] = derived.neighbours
         self.weights[rows] = derived.weights
         projected, residual = self.projection.project(derived.units)
@@ -291,7 +292,7 @@ class Gallery:
         row = self.row_of.pop(item_id, None)
         if row is None:
             return False
-        self.metadata_index.remove(row, self.metadata[row] or "{}")
+        self.metadata_index.remove(row)
         self.alive[row] = False
         self.ids[row] = None
         self.metadata[row] = None
@@ -446,6 +447,12 @@ class Gallery:
         return index
 
     # --- reads (under the read lock) ---------------------------------------------------------
+
+    def metadata_json(self, row: int) -> str:
+        """A live row's metadata as canonical JSON: kept as given, or spelled back from the
+        metadata index (app.metadata_index)."""
+        kept = self.metadata[row]
+        return self.metadata_index.spelling(row) if kept is None else kept
 
     def rows_matching(self, flt: dict[str, object]) -> np.ndarray:
         """Live rows whose metadata equals every key=value of the filter, ascending."""
@@ -602,6 +609,6 @@ class Gallery:
 
     def hits(self, rows: np.ndarray, scores: np.ndarray) -> list[Hit]:
         return [
-            Hit(self.ids[r] or "", float(s), self.metadata[r] or "{}")
+            Hit(self.ids[r] or "", float(s), self.metadata_json(r))
             for r, s in zip(rows.tolist(), scores.tolist(), strict=True)
         ]

@@ -8,6 +8,10 @@ order a search wants, where sets had to be intersected and sorted in Python.
 For each key: `codes[row]` is the code of the row's value (-1: none), `spellings[code]` the
 value's canonical JSON and `counts[code]` how many rows hold it. A code whose count falls to
 zero is forgotten and reused, so values that come and go do not pile up.
+
+A row whose metadata is all scalar values (the usual case) is spelled back from its codes
+(`spelling`), so the gallery need not keep its JSON string as well: 72 B less per item for
+`{"category": "3"}`, and a unique value (a title, say) is then held once, not twice.
 """
 
 from __future__ import annotations
@@ -22,6 +26,15 @@ NO_VALUE = -1
 def canonical_json(value: object) -> str:
     """The one JSON spelling of a value: stored metadata and filter keys compare by it."""
     return json.dumps(value, sort_keys=True)
+
+
+def _member(key: str, spelling: str) -> str:
+    return f"{json.dumps(key)}: {spelling}"
+
+
+def _object(members: list[str]) -> str:
+    """What json.dumps(sort_keys=True) writes for an object whose members are given sorted."""
+    return "{" + ", ".join(members) + "}"
 
 
 class KeyColumn:
@@ -99,23 +112,41 @@ class MetadataIndex:
             column.grow(capacity)
         self.capacity = capacity
 
-    def add(self, row: int, metadata_json: str) -> None:
-        for key, value in json.loads(metadata_json).items():
+    def add(self, row: int, metadata_json: str) -> bool:
+        """Index a row (not indexed yet) by its metadata; whether `spelling(row)` gives its
+        JSON back, so that the caller need not keep it."""
+        spelled_back = True
+        parts = []
+        for key, value in sorted(json.loads(metadata_json).items()):
             if isinstance(value, dict | list):
-                continue  # only scalar values can be filtered on
+                spelled_back = False  # only scalar values are indexed (and filterable)
+                continue
             column = self.columns.get(key)
             if column is None:
                 column = self.columns[key] = KeyColumn(self.capacity)
-            column.set(row, canonical_json(value))
+            spelling = canonical_json(value)
+            column.set(row, spelling)
+            parts.append(_member(key, spelling))
+        # Compared, not assumed: a spelling that is not canonical_json's is kept as given.
+        return spelled_back and _object(parts) == metadata_json
 
-    def remove(self, row: int, metadata_json: str) -> None:
-        for key in json.loads(metadata_json):
-            column = self.columns.get(key)
-            if column is None:
-                continue
+    def remove(self, row: int) -> None:
+        for key, column in list(self.columns.items()):
             column.clear(row)
             if not column.code_of:  # the key's last value is gone: forget the key
                 del self.columns[key]
+
+    def spelling(self, row: int) -> str:
+        """The canonical JSON of an indexed row's scalar metadata."""
+        parts = []
+        for key in sorted(self.columns):
+            column = self.columns[key]
+            code = int(column.codes[row])
+            if code != NO_VALUE:
+                spelling = column.spellings[code]
+                assert spelling is not None
+                parts.append(_member(key, spelling))
+        return _object(parts)
 
     def rows_matching(self, flt: dict[str, object], n_rows: int) -> np.ndarray:
         """Rows in [0, n_rows) whose metadata equals every key=value of the (non-empty)
