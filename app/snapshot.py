@@ -31,6 +31,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -43,8 +44,9 @@ from app.metadata_index import KeyColumn
 CLUSTER_ARRAYS = ("centroids", "radius", "max_residual", "cluster_of")
 
 # 2: cosine items as projection + residual + raw features (app.projection), not unit embeddings
-# 3: neighbour ids in the narrowest type the pool allows (app.retrieval.pool_id_dtype), the
-#    metadata filter as value codes (app.metadata_index)
+# 3: neighbour ids as int32 or, once the gallery has ANN indexes, in the narrowest type the
+#    pool allows (Gallery.compact_neighbour_ids); the metadata filter as value codes
+#    (app.metadata_index)
 FORMAT = 3
 
 
@@ -88,15 +90,19 @@ def _write_file(path: Path, write: object) -> None:
         os.fsync(f.fileno())
 
 
+def _npy_header(f: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype) of the .npy file `f`, left at the start of its data."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    return np.lib.format.read_array_header_2_0(f)
+
+
 def _read_npy_into(path: Path, out: np.ndarray) -> None:
     """Read a .npy file into the first rows of `out` (preallocated with room to grow), with
     no second copy of the data in memory."""
     with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        shape, fortran, dtype = _npy_header(f)
         if fortran or dtype != out.dtype or tuple(shape[1:]) != out.shape[1:]:
             raise SnapshotMismatch(
                 f"{path.name}: {shape} {dtype}, expected rows of {out.shape[1:]} {out.dtype}"
@@ -260,6 +266,9 @@ def load(
     generation = directory / str(manifest["generation"])
     n = int(manifest["n_rows"])
     gallery.reserve(n + headroom)
+    with open(generation / "neighbours.npy", "rb") as f:
+        if _npy_header(f)[2] != gallery.neighbours.dtype:  # saved with ANN indexes: compact
+            gallery.compact_neighbour_ids()
     for array in ARRAYS:
         _read_npy_into(generation / f"{array}.npy", getattr(gallery, array))
     rows = json.loads((generation / "rows.json").read_text())

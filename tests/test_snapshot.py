@@ -75,6 +75,7 @@ def test_restart_from_a_snapshot_serves_what_a_load_from_the_store_serves(
     for i in range(0, 2000, 9):
         first.delete("text", f"t-{i}")
     first.upsert("text", *_items(50, rng, "t"))  # replaced: new vectors and metadata
+    assert first.replicas["text"].gallery.neighbours.dtype == np.uint16  # indexes built inline
     first.close()  # writes the snapshots
     assert first.replicas["text"].snapshot is not None
     assert first.replicas["text"].snapshot.has_ann
@@ -97,6 +98,12 @@ def test_restart_from_a_snapshot_serves_what_a_load_from_the_store_serves(
     assert from_store.replicas["text"].loaded_from == "store"
     assert _answers(restarted) == _answers(from_store)
     assert restarted.count("text") == store.count("text")
+    # Galleries with ANN indexes keep 16-bit neighbour ids (built or read back), the small
+    # image gallery, scanned exactly, int32 (Gallery.compact_neighbour_ids).
+    assert replica.gallery.neighbours.dtype == np.uint16
+    assert from_store.replicas["text"].gallery.neighbours.dtype == np.uint16
+    assert restarted.replicas["image"].gallery.ann is None
+    assert restarted.replicas["image"].gallery.neighbours.dtype == np.int32
     # The knn certificate's weight caps are not saved but derived again: every live row's
     # weights must be within them (app.ann.sparse_term_bound).
     gallery = replica.gallery
