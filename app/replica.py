@@ -105,8 +105,13 @@ class GalleryReplica:
         embedded = 0
         # Read before the items: what commits during the load is caught up afterwards.
         self.applied = self.store.last_seq()
+        expected = self._expected_items()
         with self.gallery.lock.write():  # room for everything at once: no doubling copies
-            self.gallery.reserve(self._expected_items() + 1024)
+            self.gallery.reserve(expected + 1024)
+            if self.ann_min_items and expected >= self.ann_min_items:
+                # It will be indexed: 16-bit ids from the start, not an int32 copy to convert
+                # (which a first start at 200k kept ~50 MB more of).
+                self.gallery.compact_neighbour_ids()
         for chunk in self.store.iter_items(
             self.modality, chunk=_LOAD_CHUNK, bundle_key=self.bundle_key, shard=self.shard
         ):
