@@ -1,4 +1,4 @@
-"""The knn ANN index's projection size and beam against recall, certification and time.
+"""The knn ANN index's projection size, build effort and beam against recall, certification, time.
 
     OPENBLAS_NUM_THREADS=1 python -m scripts.bench_ann_params --size 200000 --dims 256 128
 
@@ -34,6 +34,9 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, nargs="+", default=[1024])
     parser.add_argument("--ef", type=int, nargs="+", default=[2, 3], help="beam / candidates")
     parser.add_argument("--queries", type=int, default=300)
+    parser.add_argument(
+        "--ef-construction", type=int, nargs="+", default=[app.ann.AnnParams().ef_construction]
+    )
     args = parser.parse_args()
     data_dir = args.data_dir or Path(".bench") / f"data-{args.size}"  # bench_service's
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -56,15 +59,21 @@ def main() -> None:
     cluster_caps = gallery.cluster_caps
 
     print(
-        "| projection | candidates | beam | sparse bound | recall@10 | certified | p50 ms "
-        "| index B / item |"
+        "| projection | ef_construction | build s | candidates | beam | sparse bound "
+        "| recall@10 | certified | p50 ms | index B / item |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for dim in args.dims:
-        index = gallery._build_knn_index(app.ann.AnnParams(dim=dim))
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for dim, ef_construction in itertools.product(args.dims, args.ef_construction):
+        started = time.perf_counter()
+        index = gallery._build_knn_index(
+            app.ann.AnnParams(dim=dim, ef_construction=ef_construction)
+        )
+        build_s = time.perf_counter() - started
         per_item = index.size_bytes() / index.index.get_max_elements()
         for candidates in args.candidates:
-            index.params = app.ann.AnnParams(dim=dim, candidates=candidates)
+            index.params = app.ann.AnnParams(
+                dim=dim, ef_construction=ef_construction, candidates=candidates
+            )
             gallery.ann = index
             for ef, caps in itertools.product(args.ef, (None, cluster_caps)):
                 app.ann.EF_PER_CANDIDATE = ef
@@ -78,7 +87,8 @@ def main() -> None:
                     certified += paths[0] == "approximate"
                 bound = "gallery-wide" if caps is None else "per cluster"
                 print(
-                    f"| {dim} | {candidates} | {ef} L | {bound} | "
+                    f"| {dim} | {ef_construction} | {build_s:.0f} | {candidates} | {ef} L | "
+                    f"{bound} | "
                     f"{found / (10 * len(rows)):.4f} | {certified / len(rows):.3f} | "
                     f"{1e3 * float(np.median(seconds)):.2f} | {per_item:.0f} |",
                     flush=True,
