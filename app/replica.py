@@ -108,7 +108,7 @@ class GalleryReplica:
         expected = self._expected_items()
         with self.gallery.lock.write():  # room for everything at once: no doubling copies
             self.gallery.reserve(expected + 1024)
-            if self.ann_min_items and expected >= self.ann_min_items:
+            if self._large_enough_for_ann(expected):
                 # It will be indexed: 16-bit ids from the start, not an int32 copy to convert
                 # (which a first start at 200k kept ~50 MB more of).
                 self.gallery.compact_neighbour_ids()
@@ -354,9 +354,12 @@ class GalleryReplica:
         with self.gallery.lock.write():
             return self.gallery.remove(item_id)
 
+    def _large_enough_for_ann(self, items: int) -> bool:
+        return bool(self.ann_min_items) and items >= self.ann_min_items
+
     def wants_ann(self) -> bool:
         gallery = self.gallery
-        big = bool(self.ann_min_items) and len(gallery) >= self.ann_min_items
+        big = self._large_enough_for_ann(len(gallery))
         return big and gallery.ann is None and not gallery.building_ann
 
     # --- search ------------------------------------------------------------------------------
