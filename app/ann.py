@@ -46,7 +46,7 @@ EF_PER_CANDIDATE = 2
 @dataclass(frozen=True)
 class AnnParams:
     M: int = 16
-    ef_construction: int = 100
+    ef_construction: int = 200
     candidates: int = 1024
     max_candidates: int = 8192
     # Cosine (app.clusters): how many clusters' worth of items one query rescores. At 1M

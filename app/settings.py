@@ -12,6 +12,11 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.ann import AnnParams
+
+# The approximate index's defaults are AnnParams' own: one place says what they are.
+_ANN_DEFAULTS = AnnParams()
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CDPAE_", extra="ignore")
@@ -68,16 +73,24 @@ class Settings(BaseSettings):
         description="knn and cosine searches without a filter use the approximate path from this "
         "gallery size on (0: never unless asked)",
     )
-    ann_m: int = Field(16, ge=2, description="HNSW M of the gallery's approximate index")
-    ann_ef_construction: int = Field(100, ge=1, description="HNSW ef_construction")
+    ann_m: int = Field(
+        _ANN_DEFAULTS.M, ge=2, description="HNSW M of the gallery's approximate index"
+    )
+    ann_ef_construction: int = Field(
+        _ANN_DEFAULTS.ef_construction, ge=1, description="HNSW ef_construction"
+    )
     ann_candidates: int = Field(
-        1024, ge=1, description="first candidate list size of the approximate path"
+        _ANN_DEFAULTS.candidates,
+        ge=1,
+        description="first candidate list size of the approximate path",
     )
     ann_max_candidates: int = Field(
-        8192, ge=1, description="candidate list cap while widening the approximate path"
+        _ANN_DEFAULTS.max_candidates,
+        ge=1,
+        description="candidate list cap while widening the approximate path",
     )
     ann_dim: int = Field(
-        128,
+        _ANN_DEFAULTS.dim,
         ge=0,
         description="the approximate index holds m_g projected on this many principal "
         "directions of the training pool (0: no projection)",
