@@ -125,11 +125,7 @@ class QueryBatch:
     def part(self, start: int, stop: int) -> QueryBatch:
         """Queries start..stop-1, as a batch of their own."""
         pick = slice(start, stop)
-        codes = None
-        if self.codes is not None:
-            codes = ItemCodes(
-                self.codes.dense[pick], self.codes.neighbours[pick], self.codes.weights[pick]
-            )
+        codes = None if self.codes is None else self.codes.part(pick)
         profile = None if self.profile is None else self.profile[pick]
         return QueryBatch(self.units[pick], codes, profile)
 

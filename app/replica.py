@@ -33,7 +33,6 @@ from app.bundle import Bundle, Modality
 from app.gallery import Gallery, Hit, QueryBatch, SearchMode, Similarity
 from app.memory import release_freed_memory
 from app.metadata_index import canonical_json
-from app.retrieval import neighbour_weights
 from app.snapshot import SnapshotInfo, SnapshotMismatch, SnapshotOrigin
 from app.store import Derived, GalleryStore, StoredItem
 from app.store.base import Shard
@@ -49,13 +48,13 @@ def derive(
 ) -> Derived:
     """What a gallery keeps of an item: its unit embedding, k neighbours and weights.
 
-    Not m_g (item_codes' dense part, a quarter of the embedding time): the ANN index derives
-    it when it is built. Raises InvalidInput naming the row whose embedding is not finite.
+    Not m_g (the codes' dense part, a quarter of the embedding time, computed only when
+    asked for): the ANN index derives it when it is built. Raises InvalidInput naming the row
+    whose embedding is not finite.
     """
     units = finite_embeddings(bundle.embed(modality, features), modality, "items[{i}].vector")
-    ids, z = bundle.neighbours(units, num_threads=num_threads)
-    weights = neighbour_weights(z).astype(np.float32)
-    return Derived(ids.astype(np.int32), weights, units)
+    codes = bundle.codes(units, num_threads=num_threads)
+    return Derived(codes.neighbours.astype(np.int32), codes.weights, units)
 
 
 class GalleryReplica:

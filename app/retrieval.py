@@ -19,7 +19,7 @@ Notation (method.md):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -143,21 +143,48 @@ class TrainingPool:
         return ids.astype(np.int64), z.astype(np.float32)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ItemCodes:
     """What the kNN marginal similarity needs of each item.
 
-    dense:      (n, C) m_x, the weighted mean of the item's neighbours' unit vectors
     neighbours: (n, k) ids of the k nearest training items P(x)
     weights:    (n, k) w_x over P(x), each row summing to 1
+    dense:      (n, C) m_x, the weighted mean of the item's neighbours' unit vectors, computed
+                on first use: with the pool's Gram matrix an exact search never needs it, and
+                skipping it is 0.1-0.2 ms of a one-query knn search (docs/service.md)
     """
 
-    dense: np.ndarray
     neighbours: np.ndarray
     weights: np.ndarray
+    pool: TrainingPool = field(repr=False)
+    # w_x before rounding to float32: m_x is summed from these, in float64.
+    weights64: np.ndarray = field(repr=False)
 
     def __len__(self) -> int:
-        return self.dense.shape[0]
+        return self.neighbours.shape[0]
+
+    @cached_property
+    def dense(self) -> np.ndarray:
+        ids, weights = self.neighbours, self.weights64
+        n, k = ids.shape
+        if n <= GATHER_MAX_ITEMS:
+            # (n, k, C) products summed over k, in neighbour order
+            dense = (weights[:, :, None] * self.pool.units[ids]).sum(axis=1)
+        else:
+            # m_x = W_x U as a sparse product: the gather above would materialise an (n, k, C)
+            # array (3 GB for 4096 items at k=100, C=1024). scipy casts the units to float64
+            # for it, which a batch amortises.
+            w_sparse = sp.csr_matrix(
+                (weights.ravel(), ids.ravel(), np.arange(0, n * k + 1, k)),
+                shape=(n, self.pool.size),
+            )
+            dense = w_sparse @ self.pool.units
+        return dense.astype(np.float32)
+
+    def part(self, rows: slice) -> ItemCodes:
+        """The codes of some rows. Each row's m_x is the same computed alone or in any batch
+        (tests/test_retrieval.py), so a part computes its own when it needs it."""
+        return ItemCodes(self.neighbours[rows], self.weights[rows], self.pool, self.weights64[rows])
 
 
 def neighbour_weights(neighbour_z: np.ndarray) -> np.ndarray:
@@ -169,24 +196,12 @@ def neighbour_weights(neighbour_z: np.ndarray) -> np.ndarray:
 
 def item_codes(pool: TrainingPool, neighbour_ids: np.ndarray, neighbour_z: np.ndarray) -> ItemCodes:
     """Code items from their k nearest training items and Z similarities to them."""
-    ids = np.asarray(neighbour_ids, dtype=np.int64)
     weights = neighbour_weights(neighbour_z)
-    n, k = ids.shape
-    if n <= GATHER_MAX_ITEMS:
-        # (n, k, C) products summed over k, in neighbour order
-        dense = (weights[:, :, None] * pool.units[ids]).sum(axis=1)
-    else:
-        # m_x = W_x U as a sparse product: the gather above would materialise an (n, k, C)
-        # array (3 GB for 4096 items at k=100, C=1024). scipy casts the units to float64 for
-        # it, which a batch amortises.
-        w_sparse = sp.csr_matrix(
-            (weights.ravel(), ids.ravel(), np.arange(0, n * k + 1, k)), shape=(n, pool.size)
-        )
-        dense = w_sparse @ pool.units
     return ItemCodes(
-        dense=dense.astype(np.float32),
-        neighbours=ids,
+        neighbours=np.asarray(neighbour_ids, dtype=np.int64),
         weights=weights.astype(np.float32),
+        pool=pool,
+        weights64=weights,
     )
 
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from app.retrieval import (
-    ItemCodes,
     TrainingPool,
     average_precision,
     cosine_scores,
@@ -121,9 +120,7 @@ def test_scoring_is_bitwise_equal_on_any_split_of_the_gallery():
     whole_cos = cosine_scores(queries.dense, units)
     for cut in ([0, 1, 999], [0, 333, 666, 999], [0, 7, 500, 998, 999]):
         for lo, hi in itertools.pairwise(cut):
-            part = ItemCodes(
-                gallery.dense[lo:hi], gallery.neighbours[lo:hi], gallery.weights[lo:hi]
-            )
+            part = gallery.part(slice(lo, hi))
             assert (knn_scores(pool, queries, part) == whole[:, lo:hi]).all()
             assert (cosine_scores(queries.dense, units[lo:hi]) == whole_cos[:, lo:hi]).all()
 
@@ -202,3 +199,5 @@ def test_codes_gathered_and_by_sparse_product_are_bitwise_equal(wikipedia_bundle
         part = item_codes(pool, ids[rows], z[rows])
         assert np.array_equal(part.dense, batch.dense[rows])
         assert np.array_equal(part.weights, batch.weights[rows])
+        # a batch's part computes its own m_x on first use (QueryBatch.part)
+        assert np.array_equal(batch.part(rows).dense, batch.dense[rows])
