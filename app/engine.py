@@ -84,7 +84,9 @@ class Engine:
         self.follower: ChangeFollower | None = None  # following a shared store
         self.loaded = False  # load() has finished: the galleries are worth a snapshot
         self._paths_lock = threading.Lock()  # searches in several threads count paths
-        self._search_paths: Counter[str] = Counter()  # exact / approximate / uncertified
+        # (similarity, path) -> queries: a knn answer ending uncertified means something else
+        # than a cosine one, so they are counted apart
+        self._search_paths: Counter[tuple[str, str]] = Counter()
 
     @property
     def name(self) -> str:
@@ -94,14 +96,15 @@ class Engine:
         return self.bundle.manifest.input_dims[modality]
 
     @property
-    def search_paths(self) -> dict[str, int]:
-        """Queries answered by each path so far (a copy)."""
+    def search_paths(self) -> dict[tuple[str, str], int]:
+        """Queries answered so far by (similarity, path): exact / approximate / uncertified
+        (a copy)."""
         with self._paths_lock:
             return dict(self._search_paths)
 
-    def _count_paths(self, paths: Sequence[str]) -> None:
+    def _count_paths(self, similarity: Similarity, paths: Sequence[str]) -> None:
         with self._paths_lock:
-            self._search_paths.update(paths)
+            self._search_paths.update((similarity, path) for path in paths)
 
     # --- loading ------------------------------------------------------------------------------
 
@@ -214,7 +217,7 @@ class Engine:
             results, paths = self.cluster.search(target, queries, k, similarity, flt, mode)
         else:
             results, paths = self.replicas[target].search(queries, k, similarity, flt, mode)
-        self._count_paths(paths)
+        self._count_paths(similarity, paths)
         return results
 
     # --- writes -------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ class ServiceMetrics:
     def __init__(
         self,
         gallery_stats: Callable[[], Iterable[tuple[str, int, int, bool]]],
-        search_paths: Callable[[], dict[str, int]],
+        search_paths: Callable[[], dict[tuple[str, str], int]],
         neighbour_search: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.registry = CollectorRegistry()
@@ -81,7 +81,7 @@ class _EngineCollector(Collector):
     def __init__(
         self,
         gallery_stats: Callable[[], Iterable[tuple[str, int, int, bool]]],
-        search_paths: Callable[[], dict[str, int]],
+        search_paths: Callable[[], dict[tuple[str, str], int]],
         neighbour_search: Callable[[], str | None],
     ) -> None:
         self._gallery_stats = gallery_stats
@@ -108,12 +108,13 @@ class _EngineCollector(Collector):
             building.add_metric([modality], float(is_building))
         paths = GaugeMetricFamily(
             "cdpae_search_queries_by_path",
-            "query vectors answered by each path since start (exact, approximate: certified by "
-            "the sparse-term bound, uncertified: candidate cap reached)",
-            labels=["path"],
+            "query vectors answered by each similarity and path since start (exact, "
+            "approximate: certified by the bound on what the index left out, uncertified: "
+            "candidate cap reached)",
+            labels=["similarity", "path"],
         )
-        for path, n in self._search_paths().items():
-            paths.add_metric([path], n)
+        for (similarity, path), n in self._search_paths().items():
+            paths.add_metric([similarity, path], n)
         method = GaugeMetricFamily(
             "cdpae_training_neighbour_search",
             "how a query's k nearest training items are found: 1 for the method in use "

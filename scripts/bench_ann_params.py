@@ -32,6 +32,13 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--dims", type=int, nargs="+", default=[256, 128])
     parser.add_argument("--candidates", type=int, nargs="+", default=[1024])
+    parser.add_argument(
+        "--items-per-candidate",
+        type=int,
+        nargs="+",
+        default=[app.ann.ITEMS_PER_CANDIDATE],
+        help="the first list is at least gallery size / this (app.ann.ITEMS_PER_CANDIDATE)",
+    )
     parser.add_argument("--ef", type=int, nargs="+", default=[2, 3], help="beam / candidates")
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument(
@@ -59,10 +66,10 @@ def main() -> None:
     cluster_caps = gallery.cluster_caps
 
     print(
-        "| projection | ef_construction | build s | candidates | beam | sparse bound "
+        "| projection | ef_construction | build s | candidates | first list | beam | sparse bound "
         "| recall@10 | certified | p50 ms | index B / item |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for dim, ef_construction in itertools.product(args.dims, args.ef_construction):
         started = time.perf_counter()
         index = gallery._build_knn_index(
@@ -75,8 +82,12 @@ def main() -> None:
                 dim=dim, ef_construction=ef_construction, candidates=candidates
             )
             gallery.ann = index
-            for ef, caps in itertools.product(args.ef, (None, cluster_caps)):
+            for per, ef, caps in itertools.product(
+                args.items_per_candidate, args.ef, (None, cluster_caps)
+            ):
+                app.ann.ITEMS_PER_CANDIDATE = per
                 app.ann.EF_PER_CANDIDATE = ef
+                first = index.search_sizes(len(gallery), 10)[0]
                 gallery.cluster_caps = caps
                 seconds, found, certified = [], 0, 0
                 for one, truth in zip(rows, exact, strict=True):
@@ -87,7 +98,8 @@ def main() -> None:
                     certified += paths[0] == "approximate"
                 bound = "gallery-wide" if caps is None else "per cluster"
                 print(
-                    f"| {dim} | {ef_construction} | {build_s:.0f} | {candidates} | {ef} L | "
+                    f"| {dim} | {ef_construction} | {build_s:.0f} | {candidates} | {first} | "
+                    f"{ef} L | "
                     f"{bound} | "
                     f"{found / (10 * len(rows)):.4f} | {certified / len(rows):.3f} | "
                     f"{1e3 * float(np.median(seconds)):.2f} | {per_item:.0f} |",

@@ -266,7 +266,11 @@ def bench_size(args: argparse.Namespace, size: int, queries: np.ndarray) -> dict
                 metrics, 'cdpae_gallery_memory_bytes{modality="text"}'
             )
             result["paths"] = {
-                p: _gauge(metrics, f'cdpae_search_queries_by_path{{path="{p}"}}')
+                f"{similarity} {p}": _gauge(
+                    metrics,
+                    f'cdpae_search_queries_by_path{{path="{p}",similarity="{similarity}"}}',
+                )
+                for similarity in ("knn", "cosine")
                 for p in ("exact", "approximate", "uncertified")
             }
             print(

@@ -95,7 +95,8 @@ def test_approximate_path_matches_exact(engine, projection, similarity):
     approximate = engine.search("image", queries, 10, similarity, mode="approximate")
     gallery = engine.replicas["text"].gallery
     assert gallery.ann is not None and gallery.cosine_clusters is not None
-    assert engine.search_paths.get("approximate", 0) + engine.search_paths.get("uncertified", 0)
+    paths = engine.search_paths
+    assert paths.get((similarity, "approximate"), 0) + paths.get((similarity, "uncertified"), 0)
     recall = np.mean(
         [
             len({h.id for h in a} & {h.id for h in e}) / 10

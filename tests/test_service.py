@@ -210,7 +210,13 @@ def test_request_id_and_metrics(client):
     )
     assert 'cdpae_gallery_items{modality="text"} 30.0' in text
     assert 'cdpae_gallery_ann_building{modality="text"} 0.0' in text
-    assert 'cdpae_search_queries_by_path{path="exact"} 1.0' in text
+    assert 'cdpae_search_queries_by_path{path="exact",similarity="knn"} 1.0' in text
+    client.post(
+        "/search/image-to-text", json={"vectors": [_vector(client)], "similarity": "cosine"}
+    )
+    text = client.get("/metrics").text
+    assert 'cdpae_search_queries_by_path{path="exact",similarity="knn"} 1.0' in text
+    assert 'cdpae_search_queries_by_path{path="exact",similarity="cosine"} 1.0' in text
     # the synthetic bundle's 120 training items are scanned, not searched through HNSW
     assert 'cdpae_training_neighbour_search{method="exact"} 1.0' in text
     assert 'cdpae_training_neighbour_search{method="hnsw"} 0.0' in text
