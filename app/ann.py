@@ -34,9 +34,11 @@ import numpy as np
 
 from app.retrieval import top_k_by_id
 
-# The first candidate list is at least gallery size / this (4,000 at 1M): recall@10 on 1M
-# Wikipedia-like items needs it (docs/service.md).
-ITEMS_PER_CANDIDATE = 250
+# The first candidate list is at least gallery size / this (2,000 at 1M). On 1M
+# Wikipedia-like items, three builds at ef_construction 200: recall@10 0.9997 / 0.9963 /
+# 0.9963 with 2,000, 1.0 / 0.9967 / 0.9967 with 4,000 (/ 250), for 4.5-5.0 ms per query
+# in-process instead of 8.3 (scripts/bench_ann_params.py, docs/service.md).
+ITEMS_PER_CANDIDATE = 500
 # hnswlib searches L candidates with a beam (ef) of this many times L: at 200k Wikipedia-like
 # items, cosine recall@10 of L = 1024 rose from 0.981 (ef = L) to 0.9955 (ef = 2L), 3.8 -> 6.4
 # ms per query in-process (docs/service.md).
