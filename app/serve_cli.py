@@ -22,26 +22,12 @@ import sys
 from pathlib import Path
 
 import uvicorn
-from fastapi import FastAPI
 
 from app.bundle import BundleError, load_bundle
 from app.engine import Engine
 from app.main import create_app
 from app.metrics import RequestIdFilter
 from app.settings import Settings
-
-
-def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
-    """How uvicorn runs the app. http and loop stay "auto": they pick httptools and uvloop,
-    dependencies of the package, and fall back to h11 and asyncio where those can't install."""
-    return uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=False,  # the service logs each request with its request id
-        timeout_graceful_shutdown=5,
-    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -131,6 +117,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nready. try:\n{example_curl(engine, settings)}\n", flush=True)
 
     app = create_app(settings, bundle=bundle, on_ready=announce)
-    server = uvicorn.Server(uvicorn_config(app, settings))
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,  # the service logs each request with its request id
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
     server.run()
     return 0 if server.started else 1

@@ -42,22 +42,6 @@ def test_broken_bundle_stops_startup_naming_the_file(
     assert not (tmp_path / "d").exists()  # nothing was started or written
 
 
-def test_serve_runs_on_httptools_and_uvloop(tmp_path):
-    """The C HTTP parser and event loop are dependencies of the package (pyproject.toml):
-    uvicorn's "auto" must resolve to them, not silently to h11 and asyncio."""
-    import uvloop
-    from fastapi import FastAPI
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
-    from app.serve_cli import uvicorn_config
-    from app.settings import Settings
-
-    config = uvicorn_config(FastAPI(), Settings(data_dir=tmp_path))
-    config.load()
-    assert config.http_protocol_class is HttpToolsProtocol
-    assert config.get_loop_factory() is uvloop.new_event_loop
-
-
 def test_broken_bundle_exit_code_of_the_real_command(synthetic_bundle, tmp_path):
     broken = _broken_copy(synthetic_bundle, tmp_path, "default_gallery.npz", lambda p: p.unlink())
     run = subprocess.run(
