@@ -156,15 +156,31 @@ class ItemCodes:
 
     neighbours: np.ndarray
     weights: np.ndarray
-    pool: TrainingPool = field(repr=False)
-    # w_x before rounding to float32: m_x is summed from these, in float64.
-    weights64: np.ndarray = field(repr=False)
+    # What m_x is computed from: the pool and w_x before rounding to float32 (m_x is summed
+    # in float64). None in codes made with_dense, whose m_x came computed.
+    pool: TrainingPool | None = field(repr=False)
+    weights64: np.ndarray | None = field(repr=False)
+
+    @classmethod
+    def with_dense(
+        cls, neighbours: np.ndarray, weights: np.ndarray, dense: np.ndarray
+    ) -> ItemCodes:
+        """Codes whose m_x is already computed, with no pool to compute it from."""
+        codes = cls(neighbours, weights, None, None)
+        codes.__dict__["dense"] = dense  # where cached_property keeps it
+        return codes
+
+    def __reduce__(self) -> tuple[object, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        # The cluster's front end pickles query batches to every shard (Ray): they get m_x
+        # computed, not the pool it is computed from (93 MB with its Gram matrix).
+        return (ItemCodes.with_dense, (self.neighbours, self.weights, self.dense))
 
     def __len__(self) -> int:
         return self.neighbours.shape[0]
 
     @cached_property
     def dense(self) -> np.ndarray:
+        assert self.pool is not None and self.weights64 is not None  # else made with_dense
         ids, weights = self.neighbours, self.weights64
         n, k = ids.shape
         if n <= GATHER_MAX_ITEMS:
@@ -184,6 +200,8 @@ class ItemCodes:
     def part(self, rows: slice) -> ItemCodes:
         """The codes of some rows. Each row's m_x is the same computed alone or in any batch
         (tests/test_retrieval.py), so a part computes its own when it needs it."""
+        if self.pool is None or self.weights64 is None:
+            return ItemCodes.with_dense(self.neighbours[rows], self.weights[rows], self.dense[rows])
         return ItemCodes(self.neighbours[rows], self.weights[rows], self.pool, self.weights64[rows])
 
 

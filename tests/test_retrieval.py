@@ -201,3 +201,23 @@ def test_codes_gathered_and_by_sparse_product_are_bitwise_equal(wikipedia_bundle
         assert np.array_equal(part.weights, batch.weights[rows])
         # a batch's part computes its own m_x on first use (QueryBatch.part)
         assert np.array_equal(batch.part(rows).dense, batch.dense[rows])
+
+
+def test_codes_pickle_with_their_dense_part_and_without_the_pool(wikipedia_bundle):
+    """Ray pickles a query batch to every shard: the codes go with m_x computed, not with
+    the training pool (and its Gram matrix) m_x is computed from."""
+    import pickle
+
+    from app.bundle import load_bundle
+
+    bundle = load_bundle(wikipedia_bundle)
+    _ = bundle.pool.gram
+    codes = bundle.codes(bundle.embed("image", bundle.default_gallery().features["image"][:3]))
+    payload = pickle.dumps(codes)
+    arrays = codes.neighbours.nbytes + codes.weights.nbytes + codes.dense.nbytes
+    assert len(payload) < arrays + 4096
+    sent = pickle.loads(payload)
+    assert sent.pool is None
+    for name in ("neighbours", "weights", "dense"):
+        assert np.array_equal(getattr(sent, name), getattr(codes, name))
+    assert np.array_equal(sent.part(slice(1, 2)).dense, codes.dense[1:2])
