@@ -198,11 +198,14 @@ class ItemCodes:
         return dense.astype(np.float32)
 
     def part(self, rows: slice) -> ItemCodes:
-        """The codes of some rows. Each row's m_x is the same computed alone or in any batch
-        (tests/test_retrieval.py), so a part computes its own when it needs it."""
-        if self.pool is None or self.weights64 is None:
-            return ItemCodes.with_dense(self.neighbours[rows], self.weights[rows], self.dense[rows])
-        return ItemCodes(self.neighbours[rows], self.weights[rows], self.pool, self.weights64[rows])
+        """The codes of some rows: their m_x sliced from the batch's if that was computed,
+        else computed by the part on first use (a row's m_x is the same alone or in any
+        batch: tests/test_retrieval.py)."""
+        weights64 = None if self.weights64 is None else self.weights64[rows]
+        part = ItemCodes(self.neighbours[rows], self.weights[rows], self.pool, weights64)
+        if "dense" in self.__dict__:  # computed (always, in codes made with_dense)
+            part.__dict__["dense"] = self.dense[rows]
+        return part
 
 
 def neighbour_weights(neighbour_z: np.ndarray) -> np.ndarray:

@@ -199,7 +199,9 @@ def test_codes_gathered_and_by_sparse_product_are_bitwise_equal(wikipedia_bundle
         part = item_codes(pool, ids[rows], z[rows])
         assert np.array_equal(part.dense, batch.dense[rows])
         assert np.array_equal(part.weights, batch.weights[rows])
-        # a batch's part computes its own m_x on first use (QueryBatch.part)
+        # a part of a batch whose m_x was not computed computes its own on first use;
+        # one of a batch whose m_x was computed slices it
+        assert np.array_equal(item_codes(pool, ids, z).part(rows).dense, batch.dense[rows])
         assert np.array_equal(batch.part(rows).dense, batch.dense[rows])
 
 
