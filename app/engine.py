@@ -41,6 +41,13 @@ log = logging.getLogger("cdpae.engine")
 
 GalleryStats = tuple[str, int, int, bool]  # modality, items, bytes, ANN being built
 
+# A search of one query over at most this many gallery rows (dead or alive) is quick enough
+# to run on the event loop: handing it to a worker thread and back cost more than the search
+# itself on this machine's 2 busy cores (knn over the 693-item default gallery 3.75 ms p50 over
+# HTTP inline, 4.30 in a worker thread; scripts/bench_latency.py, docs/service.md). At this
+# size a knn search holds the loop for about 1.5 ms; larger ones go to a worker thread.
+INLINE_MAX_ROWS = 4096
+
 
 def other_modality(modality: Modality) -> Modality:
     return "text" if modality == "image" else "image"
@@ -200,6 +207,15 @@ class Engine:
             return QueryBatch(units)
         codes = self.bundle.codes(units)
         return QueryBatch(units, codes, query_profile(self.bundle.pool, codes))
+
+    def is_quick(self, query_modality: Modality, n_queries: int, mode: SearchMode) -> bool:
+        """Whether this search may run on the caller's thread (the event loop): one query, an
+        exact scan of a small gallery in this process. Not the approximate path (asking for it
+        may build the index first), not a cluster (its calls wait on the network)."""
+        if self.cluster is not None or n_queries != 1:
+            return False
+        replica = self.replicas[other_modality(query_modality)]
+        return replica.searches_exactly(mode) and replica.gallery.n_rows <= INLINE_MAX_ROWS
 
     def search(
         self,

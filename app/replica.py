@@ -375,11 +375,8 @@ class GalleryReplica:
         answer took (exact, approximate, uncertified)."""
         gallery = self.gallery
         # Filters take the exact path over the matching rows (top_k hits whenever that many
-        # match); so do small galleries unless a request asks for the approximate path.
-        approximate = not flt and (
-            mode == "approximate"
-            or (mode == "auto" and bool(self.ann_min_items) and len(gallery) >= self.ann_min_items)
-        )
+        # match).
+        approximate = not flt and not self.searches_exactly(mode)
         if approximate and gallery.ann is None and not gallery.building_ann:
             with gallery.lock.write():
                 if gallery.ann is None and not gallery.building_ann:
@@ -388,6 +385,13 @@ class GalleryReplica:
             if approximate and gallery.ann is not None:
                 return gallery.search_approximate(queries, k, similarity)
             return gallery.search_exact(queries, k, similarity, flt), ["exact"] * len(queries)
+
+    def searches_exactly(self, mode: SearchMode) -> bool:
+        """Whether a search without a filter takes the exact path: small galleries do unless a
+        request asks for the approximate path."""
+        if mode != "auto":
+            return mode == "exact"
+        return not self.ann_min_items or len(self.gallery) < self.ann_min_items
 
     def stats(self) -> tuple[str, int, int, bool]:
         """(modality, items, bytes of arrays and indexes, ANN being built)."""
