@@ -41,11 +41,12 @@ log = logging.getLogger("cdpae.engine")
 
 GalleryStats = tuple[str, int, int, bool]  # modality, items, bytes, ANN being built
 
-# A search of one query over at most this many gallery rows (dead or alive) is quick enough
-# to run on the event loop: handing it to a worker thread and back cost more than the search
-# itself on this machine's 2 busy cores (knn over the 693-item default gallery 3.75 ms p50 over
-# HTTP inline, 4.30 in a worker thread; scripts/bench_latency.py, docs/service.md). At this
-# size a knn search holds the loop for about 1.5 ms; larger ones go to a worker thread.
+# A search of one query over at most this many gallery rows (dead or alive) runs on the event
+# loop: handing it to a worker thread and back cost ~0.5 ms on this machine's 2 busy cores
+# (knn over the 693-item default gallery 3.68 ms p50 over HTTP inline, 4.19 in a worker
+# thread; at 4,093 rows 3.57 and 4.01: scripts/bench_latency.py, docs/service.md). There a
+# request takes 2.2 ms more than /healthz, which bounds how long it holds the loop; larger
+# searches go to a worker thread.
 INLINE_MAX_ROWS = 4096
 
 

@@ -63,11 +63,13 @@ class PostgresServer:
         self.start()
 
     def _run(self, *argv: str) -> None:
-        command = ["runuser", "-u", self.user, "--", *argv] if self.user else list(argv)
-        subprocess.run(command, check=True, capture_output=True, cwd=self.root)
+        subprocess.run(
+            [*self._as_server_user(), *argv], check=True, capture_output=True, cwd=self.root
+        )
 
     def _as_server_user(self) -> list[str]:
-        """setpriv: the server user (when root) and SIGQUIT to the server if we die."""
+        """How to run a PostgreSQL program: setpriv, as the server user (when root) and with
+        SIGQUIT sent to it if this process dies."""
         if shutil.which("setpriv") is None:  # util-linux is missing: no parent-death signal
             return ["runuser", "-u", self.user, "--"] if self.user else []
         who = ["--reuid", self.user, "--regid", self.user, "--init-groups"] if self.user else []
