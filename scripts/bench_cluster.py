@@ -32,9 +32,10 @@ import numpy as np
 
 from scripts.bench_restart import _copy_to
 from scripts.bench_service import _wait_for_ann, fill_store, single_latencies
+from tests.support.ports import free_port
 from tests.support.postgres import PostgresServer
 from tests.support.ray_cluster import LocalCluster, ray_environment
-from tests.support.service import Server, free_port
+from tests.support.service import Server
 
 
 def _latencies(url: str, queries: np.ndarray) -> dict[str, float]:

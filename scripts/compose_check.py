@@ -53,6 +53,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests.support.ports import free_port  # standard library only, like this script
+
 REPO = Path(__file__).resolve().parents[1]
 STATE = REPO / "var" / "compose-check"
 PROJECT = "cdpae-check"  # the compose project: its containers, network and volumes
@@ -115,12 +117,6 @@ def run(
         detail = (result.stdout or "")[-3000:] + (result.stderr or "")[-3000:] if capture else ""
         raise CheckFailed(f"{' '.join(argv)} exited {result.returncode}\n{detail}")
     return result
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http(

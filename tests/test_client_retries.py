@@ -34,7 +34,7 @@ from app.client import (
     error_from_response,
     parse_retry_after,
 )
-from tests.support.service import free_port
+from tests.support.ports import free_port
 
 
 def error_body(kind: str, message: str, field: str | None = None) -> dict:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import fnmatch
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import tomllib
@@ -24,6 +23,7 @@ import yaml
 from app.cli import SUBCOMMANDS
 from app.settings import Settings
 from scripts.dockerfile_as_script import parse_dockerfile, shell_command
+from tests.support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO / "training" / "datasets"
@@ -252,12 +252,6 @@ def test_compose_cluster_profile_is_postgres_a_ray_head_two_workers_and_the_api(
     assert "exec cdpae serve" in api["command"]
     for name in ("postgres", "ray-head", "api-cluster"):
         assert cluster[name]["healthcheck"]["test"][0] == "CMD-SHELL", name
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

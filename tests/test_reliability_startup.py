@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from app.bundle import BundleError, hnsw_file_dim, load_bundle, sha256_of
-from tests.support.service import free_port, serve_argv
+from tests.support.ports import free_port
+from tests.support.service import serve_argv
 
 
 def _manifest(bundle: Path) -> dict:

@@ -13,7 +13,7 @@ import pytest
 from app.cli import main as cdpae
 from app.client import Hit, QueryResult
 from app.search_cli import VectorFileError, format_table, parse_filter, read_vectors
-from tests.support.service import free_port
+from tests.support.ports import free_port
 
 
 def test_reads_npy_json_and_text_files(tmp_path):

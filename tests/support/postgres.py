@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psycopg
 
-from tests.support.service import free_port
+from tests.support.ports import free_port
 
 BIN_DIRS = [Path("/usr/lib/postgresql/15/bin"), *sorted(Path("/usr/lib/postgresql").glob("*/bin"))]
 

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from tests.support.service import free_port
+from tests.support.ports import free_port
 
 # What docs/cluster.md tells operators to set on the head (`ray start --head`) as
 # RAY_health_check_* environment variables.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import httpx
 
 from app.main import create_app
 from app.settings import Settings
+from tests.support.ports import free_port
 
 with warnings.catch_warnings():
     # starlette.testclient (an httpx.Client over the ASGI app, lifespan included)
@@ -30,12 +30,6 @@ def service(bundle: Path, data_dir: Path, **overrides) -> Iterator[TestClient]:
     settings = Settings(bundle=bundle, data_dir=data_dir, **overrides)
     with TestClient(create_app(settings, background_load=False)) as client:
         yield client
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_argv(bundle: Path, data_dir: Path, port: int, *extra: str) -> list[str]:
