@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
-import hnswlib
 import numpy as np
 
+from app.hnsw import HnswParams
 from app.retrieval import top_k_by_id
 
 # The first candidate list is at least gallery size / this (2,000 at 1M). On 1M
@@ -45,12 +45,16 @@ ITEMS_PER_CANDIDATE = 500
 EF_PER_CANDIDATE = 2
 
 
+# The knn index's graph (AnnIndex): space l2 over the lifted points. ef_construction: at 1M
+# Wikipedia-like items knn recall@10 went 0.9867-0.9997 from build to build with 100
+# (hnswlib's threaded insertion order), 0.9963-0.9967 with 200 (docs/service.md). ef is the
+# beam between queries: each query raises it to EF_PER_CANDIDATE x its candidate list.
+KNN_INDEX_HNSW = HnswParams(space="l2", M=16, ef_construction=200, ef=64)
+
+
 @dataclass(frozen=True)
 class AnnParams:
-    M: int = 16
-    # At 1M Wikipedia-like items knn recall@10 went 0.9867-0.9997 from build to build with
-    # 100 (hnswlib's threaded insertion order), 0.9963-0.9967 with 200 (docs/service.md).
-    ef_construction: int = 200
+    hnsw: HnswParams = KNN_INDEX_HNSW
     candidates: int = 1024
     max_candidates: int = 8192
     # Cosine (app.clusters): how many clusters' worth of items one query rescores. At 1M
@@ -60,6 +64,10 @@ class AnnParams:
     # items (0.9967, as 256) with 92.7 % certified (256: 94.3 %) in half the index memory
     # (656 B per item instead of 1,168: scripts/bench_ann_params.py, docs/service.md).
     dim: int = 128
+
+    def __post_init__(self) -> None:
+        if self.hnsw.space != "l2":  # AnnIndex reads its distances as squared L2 (lifting)
+            raise ValueError(f"the knn index's space must be 'l2', not {self.hnsw.space!r}")
 
 
 @dataclass(frozen=True)
@@ -99,16 +107,13 @@ class AnnIndex:
         """An empty index for `capacity` rows, or (saved) the one `save` wrote there."""
         self.params = params
         self.basis = basis
-        self.index = hnswlib.Index(space="l2", dim=(dim if basis is None else basis.shape[1]) + 1)
-        if saved is not None:
-            self.index.load_index(str(saved), max_elements=max(capacity, 16))
-        else:
-            self.index.init_index(
-                max_elements=max(capacity, 16),
-                M=params.M,
-                ef_construction=params.ef_construction,
-            )
-        self.index.set_ef(64)  # raised per query (EF_PER_CANDIDATE)
+        lifted_dim = (dim if basis is None else basis.shape[1]) + 1
+        room = max(capacity, 16)
+        self.index = (
+            params.hnsw.new_index(lifted_dim, room)
+            if saved is None
+            else params.hnsw.load_index(saved, lifted_dim, room)
+        )
         self.deleted: set[int] = set()
         self.max_residual = 0.0  # largest |m_g - P m_g| ever added
 
@@ -171,7 +176,7 @@ class AnnIndex:
 
     def size_bytes(self) -> int:
         # data (dim floats) + level-0 links (2M ints + count) + label, per element
-        per = self.index.dim * 4 + (2 * self.params.M + 1) * 4 + 8
+        per = self.index.dim * 4 + (2 * self.params.hnsw.M + 1) * 4 + 8
         return per * self.index.get_max_elements()
 
     def candidates(self, query: np.ndarray, size: int) -> Candidates:

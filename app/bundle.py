@@ -18,8 +18,9 @@ from typing import Literal
 import hnswlib
 import numpy as np
 import onnxruntime as ort
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from app.hnsw import HnswParams
 from app.retrieval import ItemCodes, TrainingPool, item_codes, unit_rows, z_from_cosine_distance
 
 FORMAT_VERSION = 1
@@ -52,15 +53,10 @@ class BundleError(Exception):
     """The bundle can't be served; the message says which file and why."""
 
 
-class HnswParams(BaseModel):
-    """The training pool's HNSW index: how export builds it and the service searches it."""
-
-    model_config = ConfigDict(frozen=True)
-
-    space: Literal["cosine"] = "cosine"
-    M: int = Field(32, ge=2)
-    ef_construction: int = Field(400, ge=1)
-    ef: int = Field(200, ge=1)
+# The training pool's HNSW index as export builds it unless told otherwise (manifest.json's
+# "hnsw" says what a bundle was built with). Cosine: the service reads its distances as
+# 1 - cos (app.retrieval.z_from_cosine_distance), so a bundle's index is never of another space.
+TRAIN_INDEX_HNSW = HnswParams(space="cosine", M=32, ef_construction=400, ef=200)
 
 
 class Manifest(BaseModel):
@@ -74,12 +70,22 @@ class Manifest(BaseModel):
     common_dim: int = Field(ge=1)
     n_train_pairs: int = Field(ge=1)
     knn_k: int = Field(ge=1)
-    hnsw: HnswParams
+    hnsw: HnswParams  # the training pool's index (train_index.bin)
     files: dict[str, str]  # file name (relative to the bundle) -> sha256 hex
     hyperparameters: dict = Field(default_factory=dict)
     metrics: dict = Field(default_factory=dict)
     created_at: str
     package_version: str
+
+    @field_validator("hnsw")
+    @classmethod
+    def _cosine_index(cls, hnsw: HnswParams) -> HnswParams:
+        if hnsw.space != TRAIN_INDEX_HNSW.space:
+            raise ValueError(
+                f"the training index's space is {hnsw.space!r}: it must be "
+                f"{TRAIN_INDEX_HNSW.space!r} (the service reads its distances as 1 - cos)"
+            )
+        return hnsw
 
     def write(self, bundle_dir: Path) -> None:
         """manifest.json into bundle_dir: the one writer of the format read_manifest reads."""
@@ -296,9 +302,10 @@ def load_bundle(bundle_dir: Path | str, *, for_queries: bool = True) -> Bundle:
             f"bundle {bundle_dir}: {TRAIN_INDEX} holds vectors of dimension {stored_dim}, "
             f"the encoders and manifest say {manifest.common_dim}"
         )
-    index = hnswlib.Index(space=manifest.hnsw.space, dim=manifest.common_dim)
+    # A beam of at least knn_k: a query asks for knn_k neighbours.
+    search = manifest.hnsw.model_copy(update={"ef": max(manifest.hnsw.ef, manifest.knn_k)})
     try:
-        index.load_index(str(bundle_dir / TRAIN_INDEX), max_elements=expected_shape[0])
+        index = search.load_index(bundle_dir / TRAIN_INDEX, manifest.common_dim, expected_shape[0])
     except RuntimeError as exc:
         raise BundleError(f"bundle {bundle_dir}: {TRAIN_INDEX} can't be loaded ({exc})") from exc
     if index.dim != manifest.common_dim or index.get_current_count() != expected_shape[0]:
@@ -308,7 +315,6 @@ def load_bundle(bundle_dir: Path | str, *, for_queries: bool = True) -> Bundle:
         )
     if manifest.knn_k > expected_shape[0]:
         raise BundleError(f"bundle {bundle_dir}: knn_k {manifest.knn_k} exceeds the pool size")
-    index.set_ef(max(manifest.hnsw.ef, manifest.knn_k))
     pool = TrainingPool(unit_rows(units))
     if for_queries:
         _ = pool.gram  # built now (0.4 s for 4,346 items), not by the first query

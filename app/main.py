@@ -49,13 +49,7 @@ def create_app(
         state = app.state
         loaded = bundle if bundle is not None else load_bundle(settings.bundle)
         store = open_store(settings.store, settings.data_dir)
-        ann_params = AnnParams(
-            M=settings.ann_m,
-            ef_construction=settings.ann_ef_construction,
-            candidates=settings.ann_candidates,
-            max_candidates=settings.ann_max_candidates,
-            dim=settings.ann_dim,
-        )
+        ann_params = settings.ann_params()
         engine = Engine(
             loaded,
             store,

@@ -74,10 +74,10 @@ class Settings(BaseSettings):
         "gallery size on (0: never unless asked)",
     )
     ann_m: int = Field(
-        _ANN_DEFAULTS.M, ge=2, description="HNSW M of the gallery's approximate index"
+        _ANN_DEFAULTS.hnsw.M, ge=2, description="HNSW M of the gallery's approximate index"
     )
     ann_ef_construction: int = Field(
-        _ANN_DEFAULTS.ef_construction, ge=1, description="HNSW ef_construction"
+        _ANN_DEFAULTS.hnsw.ef_construction, ge=1, description="HNSW ef_construction"
     )
     ann_candidates: int = Field(
         _ANN_DEFAULTS.candidates,
@@ -114,6 +114,17 @@ class Settings(BaseSettings):
         if not self.snapshots:
             return None
         return self.snapshot_dir or self.data_dir / "snapshots"
+
+    def ann_params(self) -> AnnParams:
+        """The galleries' approximate index settings: these knobs over AnnParams' defaults."""
+        return AnnParams(
+            hnsw=_ANN_DEFAULTS.hnsw.model_copy(
+                update={"M": self.ann_m, "ef_construction": self.ann_ef_construction}
+            ),
+            candidates=self.ann_candidates,
+            max_candidates=self.ann_max_candidates,
+            dim=self.ann_dim,
+        )
 
     @model_validator(mode="after")
     def _cluster_needs_postgres(self) -> Settings:

@@ -210,7 +210,7 @@ def _write_generation(
         for name, values in gallery.cosine_clusters.state(n).items():
             put(f"cosine-{name}.npy", lambda f, v=values: np.save(f, v, allow_pickle=False))
         ann = {
-            "params": asdict(ann_params),
+            "params": {**asdict(ann_params), "hnsw": ann_params.hnsw.model_dump()},
             "max_residual": {"knn": gallery.ann.max_residual},
             "deleted": {"knn": sorted(gallery.ann.deleted)},
             "cosine_clusters": True,
@@ -227,6 +227,23 @@ def _write_generation(
         "files": files,
         "written_at": time.time(),
     }
+
+
+def _graph(params: AnnParams) -> tuple:
+    """What a saved knn index must have been built with to be used as it is: its space, M and
+    ef_construction, and the projection (ef and the candidate lists are per query)."""
+    return params.hnsw.space, params.hnsw.M, params.hnsw.ef_construction, params.dim
+
+
+def _graph_saved(saved: dict) -> tuple | None:
+    """_graph of the params a snapshot's manifest records (None: unreadable). Snapshots from
+    before app.hnsw record them flat ({"M": .., "ef_construction": .., "dim": .., ...}), of an
+    index that was always of space l2."""
+    try:
+        hnsw = saved.get("hnsw", {"space": "l2", **saved})
+        return hnsw["space"], int(hnsw["M"]), int(hnsw["ef_construction"]), int(saved["dim"])
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def read_manifest(directory: Path, origin: SnapshotOrigin) -> dict:
@@ -297,12 +314,7 @@ def load(
         raise SnapshotMismatch("ids and live rows disagree")
     gallery.derive_weight_caps()  # not saved: 0.3 s at 1M items
     ann = manifest.get("ann")
-    saved = AnnParams(**ann["params"]) if ann else None
-    if saved is None or (saved.M, saved.ef_construction, saved.dim) != (
-        ann_params.M,
-        ann_params.ef_construction,
-        ann_params.dim,
-    ):
+    if not ann or _graph_saved(ann["params"]) != _graph(ann_params):
         return False
     # The knn basis is a function of the bundle's pool and the index dim (checked above), so
     # nothing of it needs saving.

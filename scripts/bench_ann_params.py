@@ -42,7 +42,10 @@ def main() -> None:
     parser.add_argument("--ef", type=int, nargs="+", default=[2, 3], help="beam / candidates")
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument(
-        "--ef-construction", type=int, nargs="+", default=[app.ann.AnnParams().ef_construction]
+        "--ef-construction",
+        type=int,
+        nargs="+",
+        default=[app.ann.AnnParams().hnsw.ef_construction],
     )
     args = parser.parse_args()
     data_dir = args.data_dir or Path(".bench") / f"data-{args.size}"  # bench_service's
@@ -71,16 +74,13 @@ def main() -> None:
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for dim, ef_construction in itertools.product(args.dims, args.ef_construction):
+        hnsw = app.ann.AnnParams().hnsw.model_copy(update={"ef_construction": ef_construction})
         started = time.perf_counter()
-        index = gallery._build_knn_index(
-            app.ann.AnnParams(dim=dim, ef_construction=ef_construction)
-        )
+        index = gallery._build_knn_index(app.ann.AnnParams(hnsw=hnsw, dim=dim))
         build_s = time.perf_counter() - started
         per_item = index.size_bytes() / index.index.get_max_elements()
         for candidates in args.candidates:
-            index.params = app.ann.AnnParams(
-                dim=dim, ef_construction=ef_construction, candidates=candidates
-            )
+            index.params = app.ann.AnnParams(hnsw=hnsw, dim=dim, candidates=candidates)
             gallery.ann = index
             for per, ef, caps in itertools.product(
                 args.items_per_candidate, args.ef, (None, cluster_caps)

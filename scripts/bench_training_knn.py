@@ -2,10 +2,10 @@
 
     OPENBLAS_NUM_THREADS=1 python -m scripts.bench_training_knn --sizes 500 1000 2000 4346 8000
 
-Random unit pools of each size (C = 1024, k = 100, the Wikipedia bundle's HNSW parameters
-M = 32, ef = 200), one query at a time as the service asks: median milliseconds of each
-path and the recall of HNSW against the scan. The crossover it prints is what
-app.bundle.EXACT_KNN_MAX_POOL is set from (docs/service.md).
+Random unit pools of each size (C = 1024, k = 100, the bundles' HNSW parameters
+app.bundle.TRAIN_INDEX_HNSW: M = 32, ef = 200), one query at a time as the service asks:
+median milliseconds of each path and the recall of HNSW against the scan. The crossover it
+prints is what app.bundle.EXACT_KNN_MAX_POOL is set from (docs/service.md).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import time
 from collections.abc import Callable
 from functools import partial
 
-import hnswlib
 import numpy as np
 
+from app.bundle import TRAIN_INDEX_HNSW
 from app.retrieval import TrainingPool, unit_rows
 
 
@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=200)
     args = p.parse_args(argv)
     rng = np.random.default_rng(0)
+    # as app.bundle.load_bundle searches it: a beam of at least k
+    search = TRAIN_INDEX_HNSW.model_copy(update={"ef": max(TRAIN_INDEX_HNSW.ef, args.k)})
     print("| pool size | exact scan ms | HNSW ms | HNSW recall@k |")
     print("| --- | --- | --- | --- |")
     for size in args.sizes:
@@ -47,10 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         centres = rng.normal(size=(20, args.dim))
         units = unit_rows(centres[rng.integers(0, 20, size)] + rng.normal(size=(size, args.dim)))
         pool = TrainingPool(units)
-        index = hnswlib.Index(space="cosine", dim=args.dim)
-        index.init_index(max_elements=size, M=32, ef_construction=400)
+        index = search.new_index(args.dim, size)
         index.add_items(units, np.arange(size))
-        index.set_ef(max(200, args.k))
         queries = unit_rows(
             units[rng.integers(0, size, args.queries)]
             + 0.5 * rng.normal(size=(args.queries, args.dim))

@@ -85,7 +85,8 @@ def test_an_exact_scan_in_parts_answers_as_in_one(engine, monkeypatch, similarit
 @pytest.mark.parametrize("projection", [0, 6])
 def test_approximate_path_matches_exact(engine, projection, similarity):
     # projection 6: the knn ANN index holds m_g projected on 6 of the 12 pool directions
-    engine.ann_params = AnnParams(dim=projection)
+    for replica in engine.replicas.values():  # each replica builds its own indexes
+        replica.ann_params = AnnParams(dim=projection)
     rng = np.random.default_rng(1)
     engine.upsert("text", *_random_text_items(3000, rng))
     for i in range(0, 3000, 7):  # deleted rows must not come back through the ANN index
@@ -95,6 +96,7 @@ def test_approximate_path_matches_exact(engine, projection, similarity):
     approximate = engine.search("image", queries, 10, similarity, mode="approximate")
     gallery = engine.replicas["text"].gallery
     assert gallery.ann is not None and gallery.cosine_clusters is not None
+    assert gallery.ann.params.dim == projection
     paths = engine.search_paths
     assert paths.get((similarity, "approximate"), 0) + paths.get((similarity, "uncertified"), 0)
     recall = np.mean(
@@ -263,7 +265,8 @@ def test_indexes_built_in_the_background_miss_no_change_made_meanwhile(engine):
     engine.upsert("text", *_random_text_items(3000, rng))
     gallery = engine.replicas["text"].gallery
     assert gallery.ann is None
-    slow = AnnParams(M=48, ef_construction=800)  # a build long enough to write during
+    # a build long enough to write during
+    slow = AnnParams(hnsw=AnnParams().hnsw.model_copy(update={"M": 48, "ef_construction": 800}))
     builder = threading.Thread(target=gallery.build_ann_in_background, args=(slow,))
     builder.start()
     queries = rng.normal(size=(5, 16)).astype(np.float32)

@@ -10,6 +10,7 @@ import shutil
 import sqlite3
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +20,9 @@ from app.bundle import load_bundle
 from app.engine import Engine
 from app.store import SqliteStore
 
-ANN = AnnParams(M=8, ef_construction=40, candidates=64)
+ANN = AnnParams(
+    hnsw=AnnParams().hnsw.model_copy(update={"M": 8, "ef_construction": 40}), candidates=64
+)
 
 
 def _items(n: int, rng: np.random.Generator, prefix: str):
@@ -216,14 +219,15 @@ def test_indexes_saved_with_other_hnsw_parameters_are_rebuilt(bundle, tmp_path):
     engine = _engine(bundle, store, snapshots)
     engine.upsert("text", *_items(800, rng, "y"))
     engine.close()
-    other = AnnParams(M=12, ef_construction=40, candidates=64)
+    other = replace(ANN, hnsw=ANN.hnsw.model_copy(update={"M": 12}))
     again = _engine(bundle, store, snapshots, ann=other)
     replica = again.replicas["text"]
     assert replica.loaded_from == "snapshot"
     assert replica.snapshot is not None and not replica.snapshot.has_ann
     _wait_for_indexes(again)
     assert replica.gallery.ann is not None
-    assert replica.gallery.ann.params.M == 12
+    assert replica.gallery.ann.params.hnsw.M == 12
+    assert replica.gallery.ann.index.M == 12
     # ...and the rebuilt indexes are saved in their turn (with ANN this time), just after
     # the build is marked done.
     deadline = time.monotonic() + 30
@@ -232,28 +236,86 @@ def test_indexes_saved_with_other_hnsw_parameters_are_rebuilt(bundle, tmp_path):
     assert replica.snapshot.has_ann
 
 
-def test_a_snapshot_from_before_the_cosine_clusters_is_used_and_clustered(bundle, tmp_path):
-    """Snapshots written before cosine's inverted file (app.clusters) hold the arrays and
-    the knn index but no clusters: they are still read, and the clusters fitted on load."""
+def _older_snapshot(bundle, tmp_path, items, edit) -> tuple[SqliteStore, Path]:
+    """The store and snapshot directory of a text gallery of `items` (_items) saved with its
+    ANN indexes, the snapshot then made what an older writer left: edit(manifest, generation)
+    changes its manifest (and files)."""
     snapshots = tmp_path / "snapshots"
-    rng = np.random.default_rng(4)
     store = SqliteStore(tmp_path / "db")
     engine = _engine(bundle, store, snapshots)
-    engine.upsert("text", *_items(1500, rng, "o"))
+    engine.upsert("text", *items)
     engine.close()
     pointer = snapshots / "text.json"
     manifest = json.loads(pointer.read_text())
-    generation = snapshots / manifest["generation"]
-    del manifest["ann"]["cosine_clusters"]
-    for name in [name for name in manifest["files"] if name.startswith("cosine-")]:
-        del manifest["files"][name]
-        (generation / name).unlink()
+    assert manifest["ann"] is not None
+    edit(manifest, snapshots / manifest["generation"])
     pointer.write_text(json.dumps(manifest))
+    return store, snapshots
 
+
+def test_a_snapshot_from_before_the_cosine_clusters_is_used_and_clustered(bundle, tmp_path):
+    """Snapshots written before cosine's inverted file (app.clusters) hold the arrays and
+    the knn index but no clusters: they are still read, and the clusters fitted on load."""
+
+    def without_clusters(manifest: dict, generation: Path) -> None:
+        del manifest["ann"]["cosine_clusters"]
+        for name in [name for name in manifest["files"] if name.startswith("cosine-")]:
+            del manifest["files"][name]
+            (generation / name).unlink()
+
+    store, snapshots = _older_snapshot(
+        bundle, tmp_path, _items(1500, np.random.default_rng(4), "o"), without_clusters
+    )
     again = _engine(bundle, store, snapshots)
     replica = again.replicas["text"]
     assert replica.loaded_from == "snapshot"
     assert replica.gallery.cosine_clusters is not None and not replica.gallery.building_ann
+    from_store = _engine(bundle, SqliteStore(tmp_path / "db"), None)
+    _wait_for_indexes(from_store)
+    assert _answers(again) == _answers(from_store)
+
+
+def _flat(params: dict) -> dict:
+    """AnnParams as snapshots recorded them before app.hnsw: M and ef_construction beside the
+    rest ({"M": .., "ef_construction": .., "candidates": .., ...})."""
+    hnsw = params.pop("hnsw")
+    return {"M": hnsw["M"], "ef_construction": hnsw["ef_construction"], **params}
+
+
+@pytest.mark.parametrize(
+    ("saved", "kept"),
+    [
+        (_flat, True),
+        (lambda params: {**_flat(params), "M": 12}, False),
+        (lambda params: {**_flat(params), "ef_construction": 41}, False),
+        (lambda params: {**params, "hnsw": "unreadable"}, False),
+        (lambda params: "unreadable", False),
+    ],
+    ids=["flat", "flat-other-M", "flat-other-ef-construction", "bad-hnsw", "bad-params"],
+)
+def test_knn_params_recorded_flat_or_unreadable_are_compared_never_fatal(
+    bundle, tmp_path, saved, kept
+):
+    """A snapshot from before app.hnsw records the knn index's params flat: its index (always
+    of space l2) is used when M, ef_construction and dim match the service's, rebuilt when they
+    don't. Params that can't be read mean a rebuild too, not a failed load."""
+
+    def recorded_so(manifest: dict, generation: Path) -> None:
+        assert manifest["ann"]["params"]["hnsw"] == ANN.hnsw.model_dump()  # nested now
+        manifest["ann"]["params"] = saved(manifest["ann"]["params"])
+
+    store, snapshots = _older_snapshot(
+        bundle, tmp_path, _items(800, np.random.default_rng(5), "f"), recorded_so
+    )
+    again = _engine(bundle, store, snapshots)
+    replica = again.replicas["text"]
+    assert replica.loaded_from == "snapshot"
+    assert replica.snapshot is not None and replica.snapshot.has_ann == kept
+    if kept:  # the saved index, no background build
+        assert replica.gallery.ann is not None and not replica.gallery.building_ann
+    _wait_for_indexes(again)
+    assert replica.gallery.ann is not None
+    assert (replica.gallery.ann.index.M, replica.gallery.ann.index.ef_construction) == (8, 40)
     from_store = _engine(bundle, SqliteStore(tmp_path / "db"), None)
     _wait_for_indexes(from_store)
     assert _answers(again) == _answers(from_store)

@@ -31,11 +31,12 @@ from app.bundle import (
     TEXT_ENCODER,
     TRAIN_EMBEDDINGS,
     TRAIN_INDEX,
-    HnswParams,
+    TRAIN_INDEX_HNSW,
     Manifest,
     read_manifest,
     sha256_of,
 )
+from app.hnsw import HnswParams
 from app.retrieval import unit_rows
 
 ONNX_OPSET = 17
@@ -109,15 +110,8 @@ def encoder_to_onnx(encoder: EncoderWeights, name: str) -> onnx.ModelProto:
 
 def build_train_index(units: np.ndarray, settings: HnswParams, seed: int = 0) -> hnswlib.Index:
     """HNSW cosine index over the 2N training embeddings; label a = pool row a."""
-    index = hnswlib.Index(space="cosine", dim=units.shape[1])
-    index.init_index(
-        max_elements=units.shape[0],
-        M=settings.M,
-        ef_construction=settings.ef_construction,
-        random_seed=seed,
-    )
+    index = settings.new_index(units.shape[1], units.shape[0], seed=seed)
     index.add_items(units, np.arange(units.shape[0]))
-    index.set_ef(settings.ef)
     return index
 
 
@@ -162,7 +156,7 @@ def write_bundle(
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    hnsw = hnsw or HnswParams()
+    hnsw = hnsw or TRAIN_INDEX_HNSW
     n_rows = train_embeddings.shape[0]
     if n_rows % 2:
         raise ValueError("train_embeddings must hold 2N rows: N images then N texts")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from app.hnsw import HnswParams
 from training.export import EncoderWeights, GalleryArrays, write_bundle
 
 
@@ -70,6 +71,7 @@ def write_synthetic_bundle(
     knn_k: int = 5,
     n_classes: int = 3,
     seed: int = 0,
+    hnsw: HnswParams | None = None,
 ) -> Path:
     """A bundle with random (untrained) encoders: every file real, the model not."""
     rng = np.random.default_rng(seed)
@@ -91,5 +93,6 @@ def write_synthetic_bundle(
             text=g_txt,
         ),
         knn_k=knn_k,
+        hnsw=hnsw,
         seed=seed,
     )
