@@ -302,8 +302,7 @@ def load_bundle(bundle_dir: Path | str, *, for_queries: bool = True) -> Bundle:
             f"bundle {bundle_dir}: {TRAIN_INDEX} holds vectors of dimension {stored_dim}, "
             f"the encoders and manifest say {manifest.common_dim}"
         )
-    # A beam of at least knn_k: a query asks for knn_k neighbours.
-    search = manifest.hnsw.model_copy(update={"ef": max(manifest.hnsw.ef, manifest.knn_k)})
+    search = manifest.hnsw.searching_at_least(manifest.knn_k)  # a query asks for knn_k
     try:
         index = search.load_index(bundle_dir / TRAIN_INDEX, manifest.common_dim, expected_shape[0])
     except RuntimeError as exc:

@@ -30,6 +30,10 @@ class HnswParams(BaseModel):
     ef_construction: int = Field(ge=1)  # the beam while inserting
     ef: int = Field(ge=1)  # the search beam; the gallery's index raises it per query
 
+    def searching_at_least(self, k: int) -> HnswParams:
+        """These params with a beam of at least k: hnswlib can't return k neighbours with less."""
+        return self if self.ef >= k else self.model_copy(update={"ef": k})
+
     def new_index(self, dim: int, max_elements: int, seed: int = 100) -> hnswlib.Index:
         """An empty index of room for max_elements vectors of dimension dim (seed: of the
         nodes' random levels; 100 is hnswlib's own default)."""

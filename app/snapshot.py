@@ -210,7 +210,7 @@ def _write_generation(
         for name, values in gallery.cosine_clusters.state(n).items():
             put(f"cosine-{name}.npy", lambda f, v=values: np.save(f, v, allow_pickle=False))
         ann = {
-            "params": {**asdict(ann_params), "hnsw": ann_params.hnsw.model_dump()},
+            "params": _params_json(ann_params),
             "max_residual": {"knn": gallery.ann.max_residual},
             "deleted": {"knn": sorted(gallery.ann.deleted)},
             "cosine_clusters": True,
@@ -229,16 +229,16 @@ def _write_generation(
     }
 
 
-def _graph(params: AnnParams) -> tuple:
-    """What a saved knn index must have been built with to be used as it is: its space, M and
-    ef_construction, and the projection (ef and the candidate lists are per query)."""
-    return params.hnsw.space, params.hnsw.M, params.hnsw.ef_construction, params.dim
+def _params_json(params: AnnParams) -> dict:
+    """AnnParams as a snapshot's manifest records them (its "hnsw" nested)."""
+    return {**asdict(params), "hnsw": params.hnsw.model_dump()}
 
 
-def _graph_saved(saved: dict) -> tuple | None:
-    """_graph of the params a snapshot's manifest records (None: unreadable). Snapshots from
-    before app.hnsw record them flat ({"M": .., "ef_construction": .., "dim": .., ...}), of an
-    index that was always of space l2."""
+def _graph(saved: dict) -> tuple | None:
+    """What the knn index of recorded params was built with, which a service must match to
+    use it as it is: space, M, ef_construction and the projection's dim (ef and the candidate
+    lists are per query). None: unreadable. Snapshots from before app.hnsw record the params
+    flat ({"M": .., "ef_construction": .., "dim": .., ...}), of an index always of space l2."""
     try:
         hnsw = saved.get("hnsw", {"space": "l2", **saved})
         return hnsw["space"], int(hnsw["M"]), int(hnsw["ef_construction"]), int(saved["dim"])
@@ -314,7 +314,7 @@ def load(
         raise SnapshotMismatch("ids and live rows disagree")
     gallery.derive_weight_caps()  # not saved: 0.3 s at 1M items
     ann = manifest.get("ann")
-    if not ann or _graph_saved(ann["params"]) != _graph(ann_params):
+    if not ann or _graph(ann["params"]) != _graph(_params_json(ann_params)):
         return False
     # The knn basis is a function of the bundle's pool and the index dim (checked above), so
     # nothing of it needs saving.

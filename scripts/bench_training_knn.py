@@ -39,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=200)
     args = p.parse_args(argv)
     rng = np.random.default_rng(0)
-    # as app.bundle.load_bundle searches it: a beam of at least k
-    search = TRAIN_INDEX_HNSW.model_copy(update={"ef": max(TRAIN_INDEX_HNSW.ef, args.k)})
+    search = TRAIN_INDEX_HNSW.searching_at_least(args.k)  # as app.bundle.load_bundle does
     print("| pool size | exact scan ms | HNSW ms | HNSW recall@k |")
     print("| --- | --- | --- | --- |")
     for size in args.sizes:
