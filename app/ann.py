@@ -42,7 +42,7 @@ ITEMS_PER_CANDIDATE = 500
 # hnswlib searches L candidates with a beam (ef) of this many times L: at 200k Wikipedia-like
 # items, cosine recall@10 of L = 1024 rose from 0.981 (ef = L) to 0.9955 (ef = 2L), 3.8 -> 6.4
 # ms per query in-process (docs/service.md).
-EF_PER_CANDIDATE = 2
+EF_PER_CANDIDATE: float = 2
 
 
 # The knn index's graph (AnnIndex): space l2 over the lifted points. ef_construction: at 1M
@@ -200,7 +200,7 @@ class AnnIndex:
         # set_ef then query is not atomic: a racing query may search with the other's beam.
         # hnswlib never searches with less than k, so that is a little less thorough or
         # slower, never wrong (the candidates are rescored exactly either way).
-        self.index.set_ef(EF_PER_CANDIDATE * k)
+        self.index.set_ef(round(EF_PER_CANDIDATE * k))
         labels, distances = self.index.knn_query(query, k=k, num_threads=1)
         # squared L2 to a lifted point: |P m_q|^2 + 1 - 2 Pm_q.Pm_g
         dots = (float(query[0] @ query[0]) + 1.0 - distances[0].astype(np.float64)) / 2.0

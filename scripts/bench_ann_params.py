@@ -39,7 +39,7 @@ def main() -> None:
         default=[app.ann.ITEMS_PER_CANDIDATE],
         help="the first list is at least gallery size / this (app.ann.ITEMS_PER_CANDIDATE)",
     )
-    parser.add_argument("--ef", type=int, nargs="+", default=[2, 3], help="beam / candidates")
+    parser.add_argument("--ef", type=float, nargs="+", default=[2.0, 3.0], help="beam / candidates")
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument(
         "--ef-construction",
