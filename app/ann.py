@@ -41,8 +41,9 @@ from app.retrieval import top_k_by_id
 ITEMS_PER_CANDIDATE = 500
 # hnswlib searches L candidates with a beam (ef) of this many times L: at 200k Wikipedia-like
 # items, cosine recall@10 of L = 1024 rose from 0.981 (ef = L) to 0.9955 (ef = 2L), 3.8 -> 6.4
-# ms per query in-process (docs/service.md).
-EF_PER_CANDIDATE: float = 2
+# ms per query in-process. For knn, 1.5 L kept 2 L's recall@10 (0.9967 at 200k, 0.9963 at
+# 1M, one build each) for 1.45 vs 1.94 and 3.52 vs 4.48 ms (docs/service.md, sixth session).
+EF_PER_CANDIDATE: float = 1.5
 
 
 # The knn index's graph (AnnIndex): space l2 over the lifted points. ef_construction: at 1M
