@@ -39,10 +39,10 @@ from app.retrieval import top_k_by_id
 # 0.9963 with 2,000, 1.0 / 0.9967 / 0.9967 with 4,000 (/ 250), for 4.5-5.0 ms per query
 # in-process instead of 8.3 (scripts/bench_ann_params.py, docs/service.md).
 ITEMS_PER_CANDIDATE = 500
-# hnswlib searches L candidates with a beam (ef) of this many times L: at 200k Wikipedia-like
-# items, cosine recall@10 of L = 1024 rose from 0.981 (ef = L) to 0.9955 (ef = 2L), 3.8 -> 6.4
-# ms per query in-process. For knn, 1.5 L kept 2 L's recall@10 (0.9967 at 200k, 0.9963 at
-# 1M, one build each) for 1.45 vs 1.94 and 3.52 vs 4.48 ms (docs/service.md, sixth session).
+# The knn index searches L candidates with a beam (ef) of this many times L (rounded): 1.5 L
+# kept 2 L's recall@10 on Wikipedia-like items (0.9967 at 200k, 0.9963 at 1M, one build each)
+# for 1.45 vs 1.94 and 3.52 vs 4.48 ms per query in-process; 1 L lost 0.005 at 1M
+# (docs/service.md, fifth and sixth sessions).
 EF_PER_CANDIDATE: float = 1.5
 
 
